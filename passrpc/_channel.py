@@ -1,0 +1,251 @@
+"""Channel: whole messages, with their descriptors, over one connected Unix socket."""
+
+from __future__ import annotations
+
+import array
+import errno
+import socket
+import struct
+from types import TracebackType
+from typing import Any, NoReturn
+
+import attrs
+
+from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError, Timeout
+from ._fd import FileDescriptor
+from ._wire import DEFAULT_LIMITS, Decoder, Encoder, Kind, Limits, error_from_payload
+
+_MESSAGE = int(Kind.MESSAGE)
+_ERROR = int(Kind.ERROR)
+_SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_NOSIGNAL = socket.MSG_NOSIGNAL
+_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_CTRUNC = socket.MSG_CTRUNC
+_PEERCRED = struct.Struct("3i")
+
+#: Below this size header and body are joined and sent with one sendall; a
+#: larger body goes out as a second buffer of sendmsg, never copied.
+_JOIN_BELOW = 64 * 1024
+
+#: errno values that mean the peer is gone rather than that we misused the socket.
+_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN})
+
+
+@attrs.frozen
+class Peer:
+    """Who is at the other end of a connection, as the kernel vouches (``SO_PEERCRED``).
+
+    ``pid``, ``uid`` and ``gid`` are those of the process that connected (or
+    listened), taken at connect time. A handler reads them with
+    :func:`passrpc.current_peer` for its own authorization and audit.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """Return the kernel's credentials of the process at the other end of ``sock``."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return Peer(*_PEERCRED.unpack(data))
+
+
+class Channel:
+    """One connected Unix stream socket that carries whole messages and descriptors.
+
+    ``write(*values)`` sends one message; ``read()`` returns the next one as a
+    tuple of values. Objects with ``fileno()`` in an outgoing message travel
+    as descriptors (the peer gets a copy; yours stay open); received ones come
+    back as :class:`FileDescriptor`. An error frame from the peer is raised
+    by ``read()`` as the matching :class:`Error`. A channel is for one thread
+    at a time; ``close()`` may come from any.
+
+    Args:
+        sock: a connected ``AF_UNIX`` ``SOCK_STREAM`` socket; the channel owns it.
+        timeout: seconds a read or write may block, or None to wait forever.
+        limits: what the peer may send (:class:`Limits`).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._sock = sock
+        self._limits = limits
+        self._encoder = Encoder(limits)
+        self._decoder = Decoder(limits)
+        self._ancbufsize = socket.CMSG_SPACE(limits.max_fds * 4) if limits.max_fds else 0
+        self._closed = False
+        sock.settimeout(timeout)
+
+    @classmethod
+    def pair(cls, *, timeout: float | None = None, limits: Limits = DEFAULT_LIMITS) -> tuple[Channel, Channel]:
+        """Return two channels joined by a fresh ``socketpair()``: handy for a forked child."""
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(a, timeout=timeout, limits=limits), cls(b, timeout=timeout, limits=limits)
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a read or write may block before :class:`Timeout`; None waits forever."""
+        return self._sock.gettimeout()
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._sock.settimeout(value)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or the channel closed itself after a broken frame)."""
+        return self._closed
+
+    @property
+    def peer(self) -> Peer:
+        """The credentials of the process at the other end (see :class:`Peer`)."""
+        return peer_of(self._sock)
+
+    def fileno(self) -> int:
+        """Return the socket's descriptor number, for ``select``/``poll``."""
+        return self._sock.fileno()
+
+    def write(self, *values: Any) -> None:
+        """Send one message made of ``values``.
+
+        Raises:
+            EncodeError: a value cannot travel; nothing was sent.
+            FrameTooLarge: the message is over the limit; nothing was sent.
+            ConnectionClosed: the peer has gone.
+            Timeout: the peer did not take the bytes in time; the channel is
+                closed, since part of a frame may have gone out.
+        """
+        self._send(_MESSAGE, values)
+
+    def read(self) -> tuple[Any, ...]:
+        """Wait for the next message and return its values as a tuple.
+
+        Raises:
+            ConnectionClosed: the peer closed the connection (or it broke).
+            Timeout: no whole message within the timeout; the channel stays
+                usable, and a later read returns the message when it comes.
+            RemoteError, UnknownMessage, AuthenticationError: the peer sent an
+                error frame instead of a message.
+            ProtocolError: the peer broke the protocol; the channel is closed.
+        """
+        kind, payload = self._receive()
+        if kind == _MESSAGE and type(payload) is list:
+            return tuple(payload)
+        self._unexpected(kind, payload)
+
+    def _unexpected(self, kind: int, payload: Any) -> NoReturn:
+        if kind == _ERROR:
+            raise error_from_payload(payload)
+        self.close()
+        raise ProtocolError(f"expected a message, the peer sent a frame of kind {kind!r}")
+
+    def _send(self, kind: int, payload: Any) -> None:
+        header, body, fds = self._encoder.encode(kind, payload)
+        try:
+            if fds:
+                ancillary = [(*_SCM, array.array("i", fds))]
+                sent = self._sock.sendmsg([header, body], ancillary, _NOSIGNAL)
+                self._send_rest(header, body, sent)
+            elif len(body) < _JOIN_BELOW:
+                self._sock.sendall(header + body, _NOSIGNAL)
+            else:
+                sent = self._sock.sendmsg([header, body], (), _NOSIGNAL)
+                self._send_rest(header, body, sent)
+        except OSError as exc:
+            if fds and exc.errno == errno.EBADF and not self._closed:
+                raise EncodeError(
+                    f"a descriptor in the message ({fds}) is not open; nothing was sent"
+                ) from exc
+            self._raise(exc, "sending")
+
+    def _send_rest(self, header: bytes, body: bytes, sent: int) -> None:
+        if sent < len(header):
+            self._sock.sendall(header[sent:], _NOSIGNAL)
+            sent = len(header)
+        if sent - len(header) < len(body):
+            self._sock.sendall(memoryview(body)[sent - len(header) :], _NOSIGNAL)
+
+    def _receive(self) -> tuple[int, Any]:
+        decoder = self._decoder
+        try:
+            frame = decoder.next_frame()
+            while frame is None:
+                self._fill()
+                frame = decoder.next_frame()
+        except ProtocolError:
+            self.close()
+            raise
+        return frame
+
+    def _fill(self) -> None:
+        buffer = self._decoder.get_buffer()
+        try:
+            nbytes, ancillary, flags, _ = self._sock.recvmsg_into([buffer], self._ancbufsize, _CLOEXEC)
+        except OSError as exc:
+            self._raise(exc, "receiving")
+        fds = _descriptors(ancillary) if ancillary else ()
+        if flags & _CTRUNC:
+            for fd in fds:
+                fd.close()
+            raise FrameTooLarge(
+                "the peer sent more descriptors with one message than this side's limit of "
+                f"{self._limits.max_fds}; they were closed: raise Limits.max_fds, or send fewer"
+            )
+        if not nbytes:
+            for fd in fds:
+                fd.close()
+            where = " in the middle of a message" if self._decoder.pending else ""
+            raise ConnectionClosed(f"the peer closed the connection{where}")
+        self._decoder.buffer_updated(nbytes, fds)
+
+    def _raise(self, exc: OSError, doing: str) -> NoReturn:
+        if isinstance(exc, TimeoutError):
+            if doing == "sending":  # part of a frame may be out: the stream is unusable
+                self.close()
+            raise Timeout(
+                f"{doing} a message took longer than the timeout of {self.timeout} s"
+            ) from exc
+        if self._closed:
+            raise ConnectionClosed("this channel was closed; open a new connection") from exc
+        if exc.errno in _GONE:
+            raise ConnectionClosed(f"the peer closed the connection ({exc.strerror})") from exc
+        raise ConnectionClosed(f"{doing} failed: {exc}; the connection is unusable") from exc
+
+    def close(self) -> None:
+        """Close the socket and every received descriptor nobody claimed; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._decoder.close()
+            self._sock.close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
+        return f"<passrpc.Channel {state}>"
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[FileDescriptor]:
+    """Take ownership of every descriptor in ``ancillary`` at once."""
+    fds: list[FileDescriptor] = []
+    for level, kind, data in ancillary:
+        if (level, kind) == _SCM:
+            numbers = array.array("i")
+            numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
+            fds.extend(FileDescriptor(fd) for fd in numbers)
+    return fds

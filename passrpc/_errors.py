@@ -1,0 +1,137 @@
+"""The one exception hierarchy of passrpc.
+
+Every exception passrpc raises on purpose derives from :class:`Error`. Where an
+exception means the same as a builtin one, it inherits that too, so code that
+already catches ``ConnectionError`` or ``TimeoutError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Base class of every error passrpc raises on purpose.
+
+    Catch this to handle any passrpc failure in one place. Errors that come
+    from your own handlers on the server reach you as :class:`RemoteError`,
+    which derives from this class too.
+    """
+
+
+class ProtocolError(Error):
+    """The bytes on a connection broke the passrpc wire protocol.
+
+    You get this when a peer sends something that is not a valid passrpc
+    frame: garbage, a truncated frame, a wrong type where the protocol fixes
+    one, or descriptors that do not match their frame. The connection cannot
+    be trusted afterwards; close it. You do not get this for a well-formed
+    message your code did not expect: that is your protocol, not ours.
+    """
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's length, or its count of descriptors, is over the configured limit.
+
+    Raised as soon as the frame header is read, before any memory is set
+    aside for the body. Raise the limit (``Limits(max_frame_size=...)``) on
+    both ends if the message is legitimately that large, or send the data
+    through a file descriptor instead.
+    """
+
+
+class EncodeError(Error, TypeError):
+    """A value in an outgoing message cannot travel as msgpack.
+
+    Messages may hold None, bool, int, float, str, bytes, lists, tuples,
+    dicts and file descriptors (objects with ``fileno()``). Convert other
+    objects before sending them. Nothing was sent when you get this.
+    """
+
+
+class ConnectionClosed(Error, ConnectionError):
+    """The peer closed the connection, or the OS broke it.
+
+    You get this when the other side went away: the server stopped or died,
+    or the client disconnected. The cause, if the OS reported one, is in
+    ``__cause__``. Open a new connection to go on; a call that got this may or
+    may not have run on the server.
+    """
+
+
+class Timeout(Error, TimeoutError):
+    """An operation did not finish within its time bound.
+
+    A proxy call that times out discards its connection, so no late reply
+    can be mistaken for the answer to a later call. Raise the timeout, or
+    check whether the handler hangs.
+    """
+
+
+class AuthenticationError(Error, PermissionError):
+    """The handshake failed: wrong password, a refused user, or a bad proof.
+
+    Check that client and server use the same password, that the socket
+    path is the server you meant, and that the client runs as the server's
+    user (or as a uid the server allows).
+    """
+
+
+class RemoteError(Error):
+    """A handler raised an exception on the server.
+
+    ``remote_type`` names the exception's class, ``remote_message`` holds
+    its message and ``remote_traceback`` the formatted traceback text from
+    the server process. The server goes on serving; so can you.
+    """
+
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
+        super().__init__(remote_type, remote_message, remote_traceback)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = f"{self.remote_type}: {self.remote_message}"
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip("\n")
+        return text
+
+
+class UnknownMessage(Error, LookupError):
+    """The server has no handler for the message name you sent.
+
+    Check the name against ``passrpc.connect(...)``'s handler list or
+    ``python -m passrpc list``. The connection stays usable.
+    """
+
+
+class ServerAlreadyStarted(Error, RuntimeError):
+    """``start()`` or ``serve()`` was called on a server that is already running.
+
+    Call ``stop()`` first, or use the running server.
+    """
+
+
+class ServerNotStarted(Error, RuntimeError):
+    """An operation needs a running server, and this one is not running.
+
+    Call ``start()`` first. You do not get this from ``stop()`` on a server
+    whose process died by itself: that ``stop()`` just cleans up.
+    """
+
+
+class StartError(Error, RuntimeError):
+    """The server process failed before it was ready to accept connections.
+
+    Its ``initialize_server`` hook raised, or the process exited or was
+    killed. The server's log (the ``passrpc`` logger, on stderr by default)
+    says why.
+    """
+
+
+class RegistrationError(Error, ValueError):
+    """A handler or signal handler cannot be registered.
+
+    You registered a name twice, registered after the server started (the
+    forked process already has its copy), or named a signal that does not
+    exist or cannot be caught.
+    """

@@ -1,0 +1,466 @@
+"""The wire codec: frames of msgpack, with file descriptors beside them.
+
+This module is pure (sans-IO, in the manner of h11): bytes and descriptor
+objects go in, frames come out, and back. It never touches a socket, a thread
+or the OS; ``tests/test_layers.py`` keeps it that way. ``docs/protocol.md``
+describes every byte.
+
+A frame is a 4-byte big-endian unsigned length and a msgpack body. The body is
+always an array of three items, ``[kind, nfds, payload]``:
+
+* ``kind`` says what the frame is (:class:`Kind`). User messages and control
+  frames (errors, the handshake, introspection) differ here, never by
+  anything a user can put in a message.
+* ``nfds`` is how many descriptors were sent with this frame. On a stream
+  socket one read can return the bytes of several frames and the descriptors
+  of a later one; counting them per frame is what ties each descriptor to its
+  message.
+* ``payload`` depends on the kind; for a message it is the array of values.
+
+Inside a payload, the msgpack extension type :data:`FD_EXT_CODE` whose data
+is an unsigned big-endian index stands in for "descriptor number i of this
+frame".
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import struct
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import attrs
+import msgpack
+
+from ._errors import (
+    AuthenticationError,
+    EncodeError,
+    FrameTooLarge,
+    ProtocolError,
+    RemoteError,
+    UnknownMessage,
+)
+
+#: Bumped whenever a frame or the handshake changes incompatibly.
+PROTOCOL_VERSION = 1
+
+#: Extension type code of the descriptor placeholder. Users' own extension
+#: types pass through untouched under any other code.
+FD_EXT_CODE = 1
+
+_HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+
+#: 64 MiB: large enough for any message that should not be a file descriptor
+#: instead, small enough that a hostile length prefix cannot exhaust memory.
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+
+#: Descriptors per frame. Linux refuses more than 253 in one message
+#: (SCM_MAX_FD); 64 keeps the ancillary buffer of every read small.
+DEFAULT_MAX_FDS = 64
+_SCM_MAX_FD = 253
+
+#: Receive buffer a decoder starts with: one read takes in many small frames.
+_INITIAL_BUFFER = 64 * 1024
+
+#: A buffer grown for a large frame is kept up to this size, so that repeated
+#: large messages reuse memory instead of faulting in fresh pages each time
+#: (see docs/performance.md); a larger one is dropped once its frame is read.
+_RETAIN_BUFFER = 16 * 1024 * 1024
+
+
+class Kind(enum.IntEnum):
+    """What a frame is; the first item of every frame body."""
+
+    #: A user's message: the payload is the array of its values. A request's
+    #: first value is the handler name; a reply holds the returned values.
+    MESSAGE = 0
+    #: An error reported by the peer: a map (see :func:`error_payload`).
+    ERROR = 1
+    #: A step of the authentication handshake: a map.
+    HANDSHAKE = 2
+    #: A call with keyword arguments: ``[name, [args...], {kwargs...}]``.
+    CALL = 3
+    #: Introspection: the request's payload is nil, the reply's an array of
+    #: handler descriptions.
+    DESCRIBE = 4
+
+
+_KINDS = frozenset(int(k) for k in Kind)
+_MESSAGE = int(Kind.MESSAGE)
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on what a peer may send; each refused with :class:`FrameTooLarge` or
+    :class:`ProtocolError` before it costs memory.
+
+    ``max_frame_size`` bounds a frame body in bytes and ``max_fds`` the
+    descriptors of one frame. The ``max_*_len`` fields are msgpack's own
+    unpacker limits (elements of one str, bin, array, map or ext); ``None``
+    derives them from the frame's size, which is already safe. Both ends
+    should agree: a message over the receiver's limit closes the connection.
+    """
+
+    max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE)
+    max_fds: int = attrs.field(default=DEFAULT_MAX_FDS)
+    max_str_len: int | None = None
+    max_bin_len: int | None = None
+    max_array_len: int | None = None
+    max_map_len: int | None = None
+    max_ext_len: int | None = None
+
+    @max_frame_size.validator
+    def _check_frame_size(self, _: object, value: int) -> None:
+        if not 1 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame_size must be from 1 to 4 GiB - 1, got {value!r}")
+
+    @max_fds.validator
+    def _check_fds(self, _: object, value: int) -> None:
+        if not 0 <= value <= _SCM_MAX_FD:
+            raise ValueError(
+                f"max_fds must be from 0 to {_SCM_MAX_FD} (Linux's SCM_MAX_FD), got {value!r}"
+            )
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class Descriptor(Protocol):
+    """What the decoder needs of a received descriptor object: it can close it."""
+
+    def close(self) -> None: ...
+
+
+# Placeholders for the first descriptors of a frame, made once.
+_FD_PLACEHOLDERS = [msgpack.ExtType(FD_EXT_CODE, bytes([i])) for i in range(_SCM_MAX_FD + 1)]
+
+
+def _placeholder(index: int) -> msgpack.ExtType:
+    return _FD_PLACEHOLDERS[index] if index <= _SCM_MAX_FD else msgpack.ExtType(
+        FD_EXT_CODE, index.to_bytes(4, "big")
+    )
+
+
+class Encoder:
+    """Turns messages into frame bytes plus the descriptors to send with them.
+
+    Not thread-safe: give each connection its own encoder, and let one
+    thread at a time use it.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._fds: list[int] = []
+        self._pack = msgpack.Packer(default=self._default, use_bin_type=True).pack
+
+    def _default(self, obj: object) -> msgpack.ExtType:
+        fileno = getattr(obj, "fileno", None)
+        if fileno is None:
+            raise EncodeError(
+                f"cannot send a value of type {type(obj).__qualname__!r} ({obj!r:.80}); "
+                "messages hold None, bool, int, float, str, bytes, list, tuple, dict "
+                "and objects with fileno(): convert it first"
+            )
+        fd = fileno()
+        if not isinstance(fd, int) or fd < 0:
+            raise EncodeError(f"{obj!r:.80}.fileno() returned {fd!r}, not a descriptor number")
+        self._fds.append(fd)
+        return _placeholder(len(self._fds) - 1)
+
+    def encode(self, kind: int, payload: Any) -> tuple[bytes, bytes, list[int]]:
+        """Encode one frame.
+
+        Args:
+            kind: a :class:`Kind`.
+            payload: the frame's payload; objects with ``fileno()`` anywhere
+                in it become descriptors of the frame.
+
+        Returns:
+            ``(header, body, fds)``: send header and body in this order, and
+            the descriptor numbers with their first byte. The descriptors stay
+            owned by the objects they came from.
+
+        Raises:
+            EncodeError: a value cannot travel as msgpack; nothing is sent.
+            FrameTooLarge: the body or the descriptor count is over the limit.
+        """
+        self._fds = []
+        try:
+            body = self._pack((kind, 0, payload))
+            if self._fds:
+                fds = self._fds
+                if len(fds) > self._limits.max_fds:
+                    raise FrameTooLarge(
+                        f"a message carries {len(fds)} descriptors, over the limit of "
+                        f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
+                    )
+                self._fds = []
+                body = self._pack((kind, len(fds), payload))
+                self._fds = fds
+        except (OverflowError, ValueError) as exc:
+            raise EncodeError(f"cannot encode the message: {exc}") from exc
+        if len(body) > self._limits.max_frame_size:
+            raise FrameTooLarge(
+                f"the message encodes to {len(body)} bytes, over the limit of "
+                f"{self._limits.max_frame_size}: send large data through a file descriptor, "
+                "or raise Limits.max_frame_size on both ends"
+            )
+        return _HEADER.pack(len(body)), body, self._fds
+
+
+def encode_frame(kind: int, payload: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, list[int]]:
+    """Encode one frame into a single bytes object, with its descriptor numbers.
+
+    A convenience over :class:`Encoder` for tests and one-off frames.
+    """
+    header, body, fds = Encoder(limits).encode(kind, payload)
+    return header + body, fds
+
+
+class Decoder:
+    """Turns received bytes and descriptors into whole frames, incrementally.
+
+    Feed it with :meth:`receive_data`, or read straight into its buffer with
+    :meth:`get_buffer` and :meth:`buffer_updated` (no copy); then call
+    :meth:`next_frame` until it returns None. Descriptor objects handed in are
+    owned by the decoder until a frame claims them; :meth:`close` closes the
+    rest. Not thread-safe.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._buf = bytearray(_INITIAL_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet consumed
+        self._end = 0  # end of the bytes received
+        self._offset = 0  # stream offset of self._start, for error messages
+        self._fds: deque[Descriptor] = deque()
+        self._used: set[int] | None = None
+        self._broken: ProtocolError | None = None
+        options: dict[str, Any] = {
+            "raw": False,
+            "strict_map_key": False,
+            "ext_hook": self._ext_hook,
+        }
+        for name in ("max_str_len", "max_bin_len", "max_array_len", "max_map_len", "max_ext_len"):
+            value = getattr(limits, name)
+            if value is not None:
+                options[name] = value
+        self._unpack = functools.partial(msgpack.unpackb, **options)
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame (0 between frames)."""
+        return self._end - self._start
+
+    def receive_data(self, data: bytes | bytearray | memoryview, fds: Iterable[Descriptor] = ()) -> None:
+        """Add bytes (and the descriptors that came with them) from the peer.
+
+        Args:
+            data: any part of the stream, however split.
+            fds: descriptor objects received with ``data``; the decoder owns
+                them from now on.
+        """
+        self._fds.extend(fds)
+        data = memoryview(data).cast("B")
+        while data:
+            free = self.get_buffer()
+            n = min(len(free), len(data))
+            free[:n] = data[:n]
+            self._end += n
+            data = data[n:]
+
+    def get_buffer(self) -> memoryview:
+        """Return free buffer space to read into; call :meth:`buffer_updated` after.
+
+        The space holds at least the rest of the frame being received (so a
+        large frame is read into one buffer, without joins), and never more
+        than the frame limit allows.
+
+        Raises:
+            FrameTooLarge: the pending frame's header is over the limit.
+        """
+        pending = self._end - self._start
+        need = HEADER_SIZE - pending
+        if pending >= HEADER_SIZE:
+            need = HEADER_SIZE + self._frame_length() - pending
+        if len(self._buf) - self._end >= max(need, 1):
+            return self._view[self._end :]
+        size = max(pending + need, _INITIAL_BUFFER)
+        if size <= len(self._buf):
+            self._buf[:pending] = self._view[self._start : self._end]
+        else:
+            buf = bytearray(size)
+            buf[:pending] = self._view[self._start : self._end]
+            self._buf = buf
+            self._view = memoryview(buf)
+        self._start, self._end = 0, pending
+        return self._view[pending:]
+
+    def buffer_updated(self, nbytes: int, fds: Iterable[Descriptor] = ()) -> None:
+        """Record that ``nbytes`` were written at the start of :meth:`get_buffer`'s view.
+
+        ``fds`` are the descriptor objects that came with them; the decoder
+        owns them from now on.
+        """
+        self._end += nbytes
+        if fds:
+            self._fds.extend(fds)
+
+    def _frame_length(self) -> int:
+        (length,) = _HEADER.unpack_from(self._buf, self._start)
+        if length > self._limits.max_frame_size:
+            raise self._fail(
+                FrameTooLarge(
+                    f"frame at stream offset {self._offset} announces {length} bytes, over the "
+                    f"limit of {self._limits.max_frame_size}: the peer sent too large a message "
+                    "or is not speaking passrpc"
+                )
+            )
+        return int(length)
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self._broken = exc
+        self.close()
+        return exc
+
+    def _ext_hook(self, code: int, data: bytes) -> object:
+        if code != FD_EXT_CODE:
+            return msgpack.ExtType(code, data)
+        index = int.from_bytes(data, "big")
+        if not 1 <= len(data) <= 4 or index >= len(self._fds):
+            raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
+        if self._used is None:
+            self._used = set()
+        self._used.add(index)
+        return self._fds[index]
+
+    def next_frame(self) -> tuple[int, Any] | None:
+        """Return the next whole frame as ``(kind, payload)``, or None if more bytes are needed.
+
+        Descriptors in the payload come back as the objects handed in with
+        the bytes; the frame's descriptors that its payload does not mention
+        are closed.
+
+        Raises:
+            FrameTooLarge: a frame header is over the limit.
+            ProtocolError: the bytes are not a valid frame; the decoder stays
+                broken and closes every descriptor it holds.
+        """
+        if self._broken is not None:
+            raise self._broken
+        start = self._start
+        if self._end - start < HEADER_SIZE:
+            return None
+        end = start + HEADER_SIZE + self._frame_length()
+        if end > self._end:
+            return None
+        offset = self._offset
+        self._used = None
+        try:
+            body = self._unpack(self._view[start + HEADER_SIZE : end])
+        except Exception as exc:  # msgpack raises ValueError and its own types
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset}: the body is not valid passrpc msgpack "
+                    f"({type(exc).__name__}: {exc})"
+                )
+            ) from exc
+        self._offset += end - start
+        if end == self._end:
+            self._start = self._end = 0
+            if len(self._buf) > _RETAIN_BUFFER:
+                self._buf = bytearray(_INITIAL_BUFFER)
+                self._view = memoryview(self._buf)
+        else:
+            self._start = end
+        if type(body) is not list or len(body) != 3:
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset}: the body must be an array "
+                    f"[kind, nfds, payload], got {_describe(body)}"
+                )
+            )
+        kind, nfds, payload = body
+        if self._used is None and type(kind) is int and kind == _MESSAGE and type(nfds) is int and nfds == 0:
+            return kind, payload
+        return self._check_frame(offset, kind, nfds, payload)
+
+    def _check_frame(self, offset: int, kind: Any, nfds: Any, payload: Any) -> tuple[int, Any]:
+        if type(kind) is not int or kind not in _KINDS:
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset}: unknown frame kind {kind!r}; "
+                    f"the peer may speak a newer protocol than version {PROTOCOL_VERSION}"
+                )
+            )
+        if type(nfds) is not int or not 0 <= nfds <= self._limits.max_fds:
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset}: descriptor count {nfds!r} is not an "
+                    f"integer from 0 to {self._limits.max_fds}"
+                )
+            )
+        if nfds > len(self._fds):
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset} claims {nfds} descriptors but only "
+                    f"{len(self._fds)} arrived with it"
+                )
+            )
+        used = self._used or set()
+        if used and max(used) >= nfds:
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset} refers to descriptor {max(used)} "
+                    f"but carries only {nfds}"
+                )
+            )
+        for index in range(nfds):
+            fd = self._fds.popleft()
+            if index not in used:
+                fd.close()
+        return kind, payload
+
+    def close(self) -> None:
+        """Close every descriptor received and not yet handed out in a frame."""
+        while self._fds:
+            self._fds.popleft().close()
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+# Error frames ---------------------------------------------------------------
+
+#: Codes of error frames, and what the receiving side raises for each.
+ERROR_REMOTE = "remote"  # a handler raised
+ERROR_UNKNOWN_MESSAGE = "unknown_message"
+ERROR_BAD_REQUEST = "bad_request"  # a request the server could not take
+ERROR_AUTHENTICATION = "authentication"
+
+
+def error_payload(code: str, remote_type: str, message: str, traceback: str = "") -> dict[str, str]:
+    """Build the payload of an ERROR frame."""
+    return {"code": code, "type": remote_type, "message": message, "traceback": traceback}
+
+
+def error_from_payload(payload: Any) -> Exception:
+    """Turn an ERROR frame's payload into the exception the receiver raises."""
+    if not isinstance(payload, dict):
+        return ProtocolError(f"the peer sent a malformed error frame: {_describe(payload)}")
+    code = payload.get("code")
+    remote_type = str(payload.get("type", "Exception"))
+    message = str(payload.get("message", ""))
+    if code == ERROR_UNKNOWN_MESSAGE:
+        return UnknownMessage(message)
+    if code == ERROR_AUTHENTICATION:
+        return AuthenticationError(message)
+    if code == ERROR_BAD_REQUEST:
+        return ProtocolError(f"the server refused the request: {message}")
+    return RemoteError(remote_type, message, str(payload.get("traceback", "")))

@@ -1,0 +1,297 @@
+"""The pure wire codec: frames, descriptors placeholders, limits, garbage."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from passrpc import EncodeError, FrameTooLarge, Limits, ProtocolError
+from passrpc._wire import (
+    FD_EXT_CODE,
+    Decoder,
+    Encoder,
+    Kind,
+    encode_frame,
+)
+
+from .strategies import messages, values
+
+
+class FakeFd:
+    """Stands in for a descriptor object: has fileno() and remembers close()."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.number
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FakeFd) and other.number == self.number
+
+    def __hash__(self) -> int:
+        return self.number
+
+
+def normalize(value: Any) -> Any:
+    """What a value looks like after a trip: tuples become lists."""
+    if isinstance(value, (list, tuple)):
+        return [normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items()}
+    return value
+
+
+def frame(kind: int, nfds: int, payload: Any) -> bytes:
+    body = msgpack.packb([kind, nfds, payload])
+    return struct.pack(">I", len(body)) + body
+
+
+def decode_all(data: bytes, fds: list[FakeFd] | None = None, limits: Limits = Limits()) -> list[Any]:
+    decoder = Decoder(limits)
+    decoder.receive_data(data, fds or [])
+    frames = []
+    while (got := decoder.next_frame()) is not None:
+        frames.append(got)
+    return frames
+
+
+class TestRoundTrip:
+    @given(messages)
+    def test_message_survives_a_round_trip(self, message: tuple[Any, ...]) -> None:
+        """Every msgpack type comes back equal, tuples as lists."""
+        data, fds = encode_frame(Kind.MESSAGE, message)
+        assert fds == []
+        assert decode_all(data) == [(Kind.MESSAGE, normalize(message))]
+
+    @settings(max_examples=50)
+    @given(st.lists(messages, min_size=1, max_size=4), st.data())
+    def test_every_split_decodes_the_same(self, batch: list[tuple[Any, ...]], data: st.DataObject) -> None:
+        """Feeding the stream in arbitrary pieces yields the same frames."""
+        stream = b"".join(encode_frame(Kind.MESSAGE, m)[0] for m in batch)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+        decoder = Decoder()
+        got = []
+        last = 0
+        for cut in [*cuts, len(stream)]:
+            decoder.receive_data(stream[last:cut])
+            last = cut
+            while (frame_ := decoder.next_frame()) is not None:
+                got.append(frame_[1])
+        assert got == [normalize(m) for m in batch]
+
+    def test_one_byte_at_a_time_gives_nothing_early(self) -> None:
+        """Nothing comes out until the frame's last byte is in."""
+        data, _ = encode_frame(Kind.MESSAGE, ("hello", "Joe", "Dalton"))
+        decoder = Decoder()
+        for byte in data[:-1]:
+            decoder.receive_data(bytes([byte]))
+            assert decoder.next_frame() is None
+        decoder.receive_data(data[-1:])
+        assert decoder.next_frame() == (Kind.MESSAGE, ["hello", "Joe", "Dalton"])
+
+    @given(st.lists(values, max_size=3), st.integers(1, 6))
+    def test_descriptor_placeholders_come_back_as_the_objects_received(
+        self, payload: list[Any], nfds: int
+    ) -> None:
+        """Each placeholder resolves to the descriptor object of its own frame."""
+        sent = [FakeFd(100 + i) for i in range(nfds)]
+        data, numbers = encode_frame(Kind.MESSAGE, ("x", *payload, sent))
+        assert numbers == [100 + i for i in range(nfds)]
+        received = [FakeFd(200 + i) for i in range(nfds)]
+        [(kind, got)] = decode_all(data, received)
+        assert got[-1] == received
+        assert not any(fd.closed for fd in received)
+
+    def test_descriptors_go_to_their_own_frame_when_read_ahead(self) -> None:
+        """A later frame's descriptors arriving with earlier bytes wait for their frame."""
+        plain, _ = encode_frame(Kind.MESSAGE, ("plain",))
+        with_fd, _ = encode_frame(Kind.MESSAGE, ("fd", FakeFd(5)))
+        decoder = Decoder()
+        early = FakeFd(42)
+        decoder.receive_data(plain + with_fd[:3], [early])
+        assert decoder.next_frame() == (Kind.MESSAGE, ["plain"])
+        assert decoder.next_frame() is None
+        decoder.receive_data(with_fd[3:])
+        assert decoder.next_frame() == (Kind.MESSAGE, ["fd", early])
+
+    def test_unmentioned_descriptors_are_closed(self) -> None:
+        """A frame's descriptors that its payload does not name are closed, not leaked."""
+        data = frame(Kind.MESSAGE, 2, ["x", msgpack.ExtType(FD_EXT_CODE, b"\x00")])
+        fds = [FakeFd(1), FakeFd(2)]
+        [(_, payload)] = decode_all(data, fds)
+        assert payload[1] is fds[0]
+        assert fds[1].closed and not fds[0].closed
+
+    def test_users_extension_types_pass_through(self) -> None:
+        """Extension types under other codes are not mistaken for descriptors."""
+        data, _ = encode_frame(Kind.MESSAGE, ("x", msgpack.ExtType(42, b"abc")))
+        assert decode_all(data) == [(Kind.MESSAGE, ["x", msgpack.ExtType(42, b"abc")])]
+
+    def test_control_frames_are_told_apart_from_messages(self) -> None:
+        """A user message whose name looks like a control frame stays a message."""
+        for payload in (["HANDSHAKE"], ["__describe__"], [1, 2, 3]):
+            data, _ = encode_frame(Kind.MESSAGE, payload)
+            assert decode_all(data) == [(Kind.MESSAGE, payload)]
+        data, _ = encode_frame(Kind.DESCRIBE, None)
+        assert decode_all(data) == [(Kind.DESCRIBE, None)]
+
+    def test_large_frame_intact(self) -> None:
+        """A 32 MiB bytes value comes through whole, fed in 1 MiB pieces."""
+        blob = bytes(range(256)) * (32 * 4096)
+        data, _ = encode_frame(Kind.MESSAGE, ("blob", blob))
+        decoder = Decoder()
+        step = 1 << 20
+        for i in range(0, len(data), step):
+            decoder.receive_data(data[i : i + step])
+        assert decoder.next_frame() == (Kind.MESSAGE, ["blob", blob])
+
+
+class TestLimits:
+    def test_huge_length_prefix_refused_at_once(self) -> None:
+        """A 4 GiB length prefix raises FrameTooLarge from the header alone."""
+        decoder = Decoder()
+        decoder.receive_data(b"\xff\xff\xff\xff")
+        with pytest.raises(FrameTooLarge, match="4294967295 bytes"):
+            decoder.next_frame()
+
+    def test_huge_length_prefix_refused_by_get_buffer(self) -> None:
+        """get_buffer never sizes a buffer from an oversized header."""
+        decoder = Decoder()
+        decoder.receive_data(b"\xff\xff\xff\xff")
+        with pytest.raises(FrameTooLarge):
+            decoder.get_buffer()
+
+    @pytest.mark.parametrize(("size", "ok"), [(100, True), (101, False)])
+    def test_frame_size_limit_at_n_and_n_plus_one(self, size: int, ok: bool) -> None:
+        """A body of exactly max_frame_size is accepted; one byte more is refused."""
+        limits = Limits(max_frame_size=100)
+        filler = 100 - len(msgpack.packb([0, 0, ["", b""]]))
+        body = msgpack.packb([0, 0, ["", b"x" * filler]])
+        body += b"" if ok else b"\xc0"
+        assert len(body) == size
+        data = struct.pack(">I", len(body)) + body
+        decoder = Decoder(limits)
+        decoder.receive_data(data)
+        if ok:
+            assert decoder.next_frame() is not None
+        else:
+            with pytest.raises(FrameTooLarge):
+                decoder.next_frame()
+
+    def test_encoder_refuses_a_frame_over_the_limit(self) -> None:
+        """The sender finds out before anything is sent."""
+        with pytest.raises(FrameTooLarge, match="over the limit"):
+            Encoder(Limits(max_frame_size=50)).encode(Kind.MESSAGE, ("x", b"y" * 100))
+
+    @pytest.mark.parametrize(("nfds", "ok"), [(3, True), (4, False)])
+    def test_descriptor_limit_at_n_and_n_plus_one(self, nfds: int, ok: bool) -> None:
+        """max_fds descriptors pass; one more is refused on both sides."""
+        limits = Limits(max_fds=3)
+        payload = ("x", [FakeFd(i) for i in range(nfds)])
+        if ok:
+            Encoder(limits).encode(Kind.MESSAGE, payload)
+        else:
+            with pytest.raises(FrameTooLarge, match="descriptors"):
+                Encoder(limits).encode(Kind.MESSAGE, payload)
+        data = frame(Kind.MESSAGE, nfds, ["x"])
+        fds = [FakeFd(i) for i in range(nfds)]
+        if ok:
+            decode_all(data, fds, limits)
+        else:
+            with pytest.raises(ProtocolError, match="descriptor count"):
+                decode_all(data, fds, limits)
+            assert all(fd.closed for fd in fds)
+
+    def test_msgpack_array_limit(self) -> None:
+        """msgpack's own limits are honoured."""
+        data = frame(Kind.MESSAGE, 0, list(range(11)))
+        with pytest.raises(ProtocolError):
+            decode_all(data, limits=Limits(max_array_len=10))
+        assert decode_all(frame(Kind.MESSAGE, 0, list(range(10))), limits=Limits(max_array_len=10))
+
+    @pytest.mark.parametrize("bad", [{"max_frame_size": 0}, {"max_frame_size": 2**32}, {"max_fds": 254}])
+    def test_limits_are_validated(self, bad: dict[str, int]) -> None:
+        """Limits that the wire cannot carry are refused when made."""
+        with pytest.raises(ValueError):
+            Limits(**bad)
+
+
+class TestGarbage:
+    @pytest.mark.parametrize(
+        ("body", "match"),
+        [
+            (b"\xc1", "not valid"),  # 0xc1 is never used by msgpack
+            (msgpack.packb("text"), "must be an array"),
+            (msgpack.packb([0, 0]), "must be an array"),
+            (msgpack.packb([99, 0, []]), "unknown frame kind 99"),
+            (msgpack.packb(["0", 0, []]), "unknown frame kind"),
+            (msgpack.packb([0, -1, []]), "descriptor count"),
+            (msgpack.packb([0, 2, []]), "only 0 arrived"),
+            (msgpack.packb([0, 0, [msgpack.ExtType(FD_EXT_CODE, b"\x00")]]), "refers to no descriptor"),
+            (msgpack.packb([0, 0, []]) + b"\x00", "not valid"),  # trailing bytes
+            (b"\x93\x00\x00" + b"\x91" * 5000 + b"\xc0", "not valid"),  # nested too deep
+        ],
+    )
+    def test_garbage_raises_protocol_error_saying_what_and_where(self, body: bytes, match: str) -> None:
+        """Malformed bodies raise ProtocolError naming the problem and the offset."""
+        data = frame(Kind.MESSAGE, 0, ["ok"]) + struct.pack(">I", len(body)) + body
+        decoder = Decoder()
+        decoder.receive_data(data)
+        assert decoder.next_frame() == (Kind.MESSAGE, ["ok"])
+        with pytest.raises(ProtocolError, match=match) as info:
+            decoder.next_frame()
+        assert "offset" in str(info.value)
+
+    def test_decoder_stays_broken_and_closes_descriptors(self) -> None:
+        """After garbage, every later call raises and held descriptors are closed."""
+        decoder = Decoder()
+        held = FakeFd(9)
+        decoder.receive_data(struct.pack(">I", 1) + b"\xc1", [held])
+        with pytest.raises(ProtocolError):
+            decoder.next_frame()
+        assert held.closed
+        with pytest.raises(ProtocolError):
+            decoder.next_frame()
+
+    def test_placeholder_index_beyond_the_frames_count(self) -> None:
+        """A placeholder that points past the frame's own descriptors is refused."""
+        data = frame(Kind.MESSAGE, 1, [msgpack.ExtType(FD_EXT_CODE, b"\x01")])
+        fds = [FakeFd(1), FakeFd(2)]
+        with pytest.raises(ProtocolError, match="carries only 1"):
+            decode_all(data, fds)
+        assert all(fd.closed for fd in fds)
+
+    @given(st.binary(max_size=64))
+    def test_random_bytes_never_escape_as_other_errors(self, body: bytes) -> None:
+        """Whatever the body, the decoder answers a frame or ProtocolError."""
+        data = struct.pack(">I", len(body)) + body
+        try:
+            decode_all(data)
+        except ProtocolError:
+            pass
+
+    @pytest.mark.parametrize("value", [object(), {1, 2}, 2**64, "\ud800"])
+    def test_unencodable_values_raise_encode_error(self, value: object) -> None:
+        """Values msgpack cannot carry raise EncodeError (a TypeError) naming the problem."""
+        with pytest.raises(EncodeError):
+            Encoder().encode(Kind.MESSAGE, ("x", value))
+        with pytest.raises(TypeError):
+            Encoder().encode(Kind.MESSAGE, ("x", value))
+
+    def test_encoder_recovers_after_an_error(self) -> None:
+        """A failed encode leaves the encoder usable and forgets its descriptors."""
+        encoder = Encoder()
+        with pytest.raises(EncodeError):
+            encoder.encode(Kind.MESSAGE, (FakeFd(3), object()))
+        _, _, fds = encoder.encode(Kind.MESSAGE, ("ok",))
+        assert fds == []
