@@ -8,22 +8,25 @@ passed beside them. See README.md and docs/ for the guide.
 from __future__ import annotations
 
 from ._channel import Channel, Peer
+from ._client import Proxy, connect
 from ._errors import (
     AuthenticationError,
+    ConfigurationError,
     ConnectionClosed,
     EncodeError,
     Error,
     FrameTooLarge,
     ProtocolError,
-    RegistrationError,
     RemoteError,
     ServerAlreadyStarted,
     ServerNotStarted,
     StartError,
+    TargetError,
     Timeout,
     UnknownMessage,
 )
 from ._fd import FileDescriptor
+from ._server import Server, current_peer, handler, on_signal
 from ._wire import PROTOCOL_VERSION, Limits
 
 __version__ = "0.1.0"
@@ -32,6 +35,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AuthenticationError",
     "Channel",
+    "ConfigurationError",
     "ConnectionClosed",
     "EncodeError",
     "Error",
@@ -40,11 +44,17 @@ __all__ = [
     "Limits",
     "Peer",
     "ProtocolError",
-    "RegistrationError",
+    "Proxy",
     "RemoteError",
+    "Server",
     "ServerAlreadyStarted",
     "ServerNotStarted",
     "StartError",
+    "TargetError",
     "Timeout",
     "UnknownMessage",
+    "connect",
+    "current_peer",
+    "handler",
+    "on_signal",
 ]

@@ -28,7 +28,9 @@ _PEERCRED = struct.Struct("3i")
 _JOIN_BELOW = 64 * 1024
 
 #: errno values that mean the peer is gone rather than that we misused the socket.
-_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN})
+_GONE = frozenset(
+    {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN}
+)
 
 
 @attrs.frozen
@@ -83,7 +85,9 @@ class Channel:
         sock.settimeout(timeout)
 
     @classmethod
-    def pair(cls, *, timeout: float | None = None, limits: Limits = DEFAULT_LIMITS) -> tuple[Channel, Channel]:
+    def pair(
+        cls, *, timeout: float | None = None, limits: Limits = DEFAULT_LIMITS
+    ) -> tuple[Channel, Channel]:
         """Return two channels joined by a fresh ``socketpair()``: handy for a forked child."""
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         return cls(a, timeout=timeout, limits=limits), cls(b, timeout=timeout, limits=limits)
@@ -138,6 +142,7 @@ class Channel:
         if kind == _MESSAGE and type(payload) is list:
             return tuple(payload)
         self._unexpected(kind, payload)
+        return None
 
     def _unexpected(self, kind: int, payload: Any) -> NoReturn:
         if kind == _ERROR:
@@ -186,7 +191,9 @@ class Channel:
     def _fill(self) -> None:
         buffer = self._decoder.get_buffer()
         try:
-            nbytes, ancillary, flags, _ = self._sock.recvmsg_into([buffer], self._ancbufsize, _CLOEXEC)
+            nbytes, ancillary, flags, _ = self._sock.recvmsg_into(
+                [buffer], self._ancbufsize, _CLOEXEC
+            )
         except OSError as exc:
             self._raise(exc, "receiving")
         fds = _descriptors(ancillary) if ancillary else ()

@@ -120,18 +120,31 @@ class ServerNotStarted(Error, RuntimeError):
 
 
 class StartError(Error, RuntimeError):
-    """The server process failed before it was ready to accept connections.
+    """The server could not start.
 
-    Its ``initialize_server`` hook raised, or the process exited or was
-    killed. The server's log (the ``passrpc`` logger, on stderr by default)
-    says why.
+    Its socket path is taken (by a live server, or by something that is not
+    a socket), or the server process failed before it was ready to accept
+    connections: its ``initialize_server`` hook raised, or it exited or was
+    killed. The message says which; the server's log (the ``passrpc``
+    logger) says more.
     """
 
 
-class RegistrationError(Error, ValueError):
-    """A handler or signal handler cannot be registered.
+class ConfigurationError(Error, ValueError):
+    """An argument or a registration that passrpc cannot accept.
 
-    You registered a name twice, registered after the server started (the
-    forked process already has its copy), or named a signal that does not
-    exist or cannot be caught.
+    You registered a handler name twice, registered after the server started
+    (the server process already has its copy), named a signal that does not
+    exist or cannot be caught, or gave a socket path longer than AF_UNIX
+    allows. The message names the offending value and the fix.
+    """
+
+
+class TargetError(Error, ImportError):
+    """A ``module:attribute`` target cannot be loaded.
+
+    The message says whether the module was not found, its import failed
+    (the original exception is the cause), or it has no such attribute.
+    Check the spelling and that the module is importable from the current
+    directory or ``sys.path``.
     """

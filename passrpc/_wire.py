@@ -139,8 +139,10 @@ _FD_PLACEHOLDERS = [msgpack.ExtType(FD_EXT_CODE, bytes([i])) for i in range(_SCM
 
 
 def _placeholder(index: int) -> msgpack.ExtType:
-    return _FD_PLACEHOLDERS[index] if index <= _SCM_MAX_FD else msgpack.ExtType(
-        FD_EXT_CODE, index.to_bytes(4, "big")
+    return (
+        _FD_PLACEHOLDERS[index]
+        if index <= _SCM_MAX_FD
+        else msgpack.ExtType(FD_EXT_CODE, index.to_bytes(4, "big"))
     )
 
 
@@ -211,7 +213,9 @@ class Encoder:
         return _HEADER.pack(len(body)), body, self._fds
 
 
-def encode_frame(kind: int, payload: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, list[int]]:
+def encode_frame(
+    kind: int, payload: Any, limits: Limits = DEFAULT_LIMITS
+) -> tuple[bytes, list[int]]:
     """Encode one frame into a single bytes object, with its descriptor numbers.
 
     A convenience over :class:`Encoder` for tests and one-off frames.
@@ -256,7 +260,9 @@ class Decoder:
         """Bytes received that do not yet make a whole frame (0 between frames)."""
         return self._end - self._start
 
-    def receive_data(self, data: bytes | bytearray | memoryview, fds: Iterable[Descriptor] = ()) -> None:
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, fds: Iterable[Descriptor] = ()
+    ) -> None:
         """Add bytes (and the descriptors that came with them) from the peer.
 
         Args:
@@ -385,7 +391,13 @@ class Decoder:
                 )
             )
         kind, nfds, payload = body
-        if self._used is None and type(kind) is int and kind == _MESSAGE and type(nfds) is int and nfds == 0:
+        if (
+            self._used is None
+            and type(kind) is int
+            and kind == _MESSAGE
+            and type(nfds) is int
+            and nfds == 0
+        ):
             return kind, payload
         return self._check_frame(offset, kind, nfds, payload)
 

@@ -19,7 +19,9 @@ values = st.recursive(
     scalars,
     lambda children: st.one_of(
         st.lists(children, max_size=5),
-        st.dictionaries(st.one_of(st.text(), st.integers(-100, 100), st.binary()), children, max_size=5),
+        st.dictionaries(
+            st.one_of(st.text(), st.integers(-100, 100), st.binary()), children, max_size=5
+        ),
     ),
     max_leaves=20,
 )

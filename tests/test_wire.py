@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from passrpc import EncodeError, FrameTooLarge, Limits, ProtocolError
 from passrpc._wire import (
+    DEFAULT_LIMITS,
     FD_EXT_CODE,
     Decoder,
     Encoder,
@@ -56,7 +57,9 @@ def frame(kind: int, nfds: int, payload: Any) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def decode_all(data: bytes, fds: list[FakeFd] | None = None, limits: Limits = Limits()) -> list[Any]:
+def decode_all(
+    data: bytes, fds: list[FakeFd] | None = None, limits: Limits = DEFAULT_LIMITS
+) -> list[Any]:
     decoder = Decoder(limits)
     decoder.receive_data(data, fds or [])
     frames = []
@@ -75,7 +78,9 @@ class TestRoundTrip:
 
     @settings(max_examples=50)
     @given(st.lists(messages, min_size=1, max_size=4), st.data())
-    def test_every_split_decodes_the_same(self, batch: list[tuple[Any, ...]], data: st.DataObject) -> None:
+    def test_every_split_decodes_the_same(
+        self, batch: list[tuple[Any, ...]], data: st.DataObject
+    ) -> None:
         """Feeding the stream in arbitrary pieces yields the same frames."""
         stream = b"".join(encode_frame(Kind.MESSAGE, m)[0] for m in batch)
         cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
@@ -108,7 +113,7 @@ class TestRoundTrip:
         data, numbers = encode_frame(Kind.MESSAGE, ("x", *payload, sent))
         assert numbers == [100 + i for i in range(nfds)]
         received = [FakeFd(200 + i) for i in range(nfds)]
-        [(kind, got)] = decode_all(data, received)
+        [(_kind, got)] = decode_all(data, received)
         assert got[-1] == received
         assert not any(fd.closed for fd in received)
 
@@ -130,7 +135,8 @@ class TestRoundTrip:
         fds = [FakeFd(1), FakeFd(2)]
         [(_, payload)] = decode_all(data, fds)
         assert payload[1] is fds[0]
-        assert fds[1].closed and not fds[0].closed
+        assert fds[1].closed
+        assert not fds[0].closed
 
     def test_users_extension_types_pass_through(self) -> None:
         """Extension types under other codes are not mistaken for descriptors."""
@@ -219,7 +225,9 @@ class TestLimits:
             decode_all(data, limits=Limits(max_array_len=10))
         assert decode_all(frame(Kind.MESSAGE, 0, list(range(10))), limits=Limits(max_array_len=10))
 
-    @pytest.mark.parametrize("bad", [{"max_frame_size": 0}, {"max_frame_size": 2**32}, {"max_fds": 254}])
+    @pytest.mark.parametrize(
+        "bad", [{"max_frame_size": 0}, {"max_frame_size": 2**32}, {"max_fds": 254}]
+    )
     def test_limits_are_validated(self, bad: dict[str, int]) -> None:
         """Limits that the wire cannot carry are refused when made."""
         with pytest.raises(ValueError):
@@ -237,12 +245,17 @@ class TestGarbage:
             (msgpack.packb(["0", 0, []]), "unknown frame kind"),
             (msgpack.packb([0, -1, []]), "descriptor count"),
             (msgpack.packb([0, 2, []]), "only 0 arrived"),
-            (msgpack.packb([0, 0, [msgpack.ExtType(FD_EXT_CODE, b"\x00")]]), "refers to no descriptor"),
+            (
+                msgpack.packb([0, 0, [msgpack.ExtType(FD_EXT_CODE, b"\x00")]]),
+                "refers to no descriptor",
+            ),
             (msgpack.packb([0, 0, []]) + b"\x00", "not valid"),  # trailing bytes
             (b"\x93\x00\x00" + b"\x91" * 5000 + b"\xc0", "not valid"),  # nested too deep
         ],
     )
-    def test_garbage_raises_protocol_error_saying_what_and_where(self, body: bytes, match: str) -> None:
+    def test_garbage_raises_protocol_error_saying_what_and_where(
+        self, body: bytes, match: str
+    ) -> None:
         """Malformed bodies raise ProtocolError naming the problem and the offset."""
         data = frame(Kind.MESSAGE, 0, ["ok"]) + struct.pack(">I", len(body)) + body
         decoder = Decoder()

@@ -1,0 +1,335 @@
+"""The client: generated proxies with a persistent connection per thread, and ``connect()``."""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from ._auth import open_channel, password_key
+from ._channel import Channel
+from ._errors import ConnectionClosed, ProtocolError
+from ._server import Server, _describe, _proxy_factories
+from ._wire import DEFAULT_LIMITS, Kind, Limits, error_from_payload
+
+_MESSAGE = int(Kind.MESSAGE)
+_CALL = int(Kind.CALL)
+_ERROR = int(Kind.ERROR)
+_DESCRIBE = int(Kind.DESCRIBE)
+
+# Bumped in every forked child, so a proxy notices, at no cost per call, that
+# the connection it holds is its parent's and opens its own.
+_generation = [0]
+
+
+def _after_fork() -> None:
+    _generation[0] += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+_UNSET: Any = object()
+
+
+class _Connection:
+    """One thread's connection of a proxy; closes it when the thread's locals go."""
+
+    __slots__ = ("__weakref__", "channel", "generation")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.generation = _generation[0]
+
+    def __del__(self) -> None:
+        self.channel.close()
+
+
+class Proxy:
+    """Calls a server's handlers as methods: ``proxy.hello("Joe", "Dalton")``.
+
+    Each handler is a method with the handler's name, signature and
+    docstring; ``dir(proxy)`` lists them, and an unknown name raises
+    ``AttributeError`` before any I/O. A call returns the handler's single
+    value, or a tuple when it returned several; a handler's exception is
+    raised as :class:`RemoteError`. Each thread gets its own connection,
+    kept across calls and opened again if the server closed it while idle
+    (a call that may have run is never sent twice); a forked child opens its
+    own. Handlers whose names clash with the proxy's own methods, or are not
+    identifiers, are reached through :meth:`call`. A raw handler's method
+    sends the first message on a new connection and returns that
+    :class:`Channel` for you to converse on and close.
+    """
+
+    _handler_info: dict[str, dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        socket_path: str,
+        password: str | bytes,
+        *,
+        timeout: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._path = socket_path
+        self._key = password_key(password)
+        self._timeout = timeout
+        self._limits = limits
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def handlers(self) -> tuple[str, ...]:
+        """The names of the server's handlers."""
+        return tuple(self._handler_info)
+
+    def _channel(self) -> Channel:
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        if connection is not None and connection.generation == _generation[0]:
+            return connection.channel
+        return self._reconnect()
+
+    def _reconnect(self) -> Channel:
+        if self._closed:
+            raise ConnectionClosed("this proxy was closed; make a new one")
+        self._drop()
+        return self._adopt(self._open())
+
+    def _open(self) -> Channel:
+        return open_channel(self._path, self._key, timeout=self._timeout, limits=self._limits)
+
+    def _adopt(self, channel: Channel) -> Channel:
+        connection = _Connection(channel)
+        self._local.connection = connection
+        with self._lock:
+            self._connections.add(connection)
+        return channel
+
+    def _drop(self) -> None:
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            self._local.connection = None
+            connection.channel.close()
+
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call handler ``name`` with the arguments given; the generic form of the methods."""
+        return self._call(name, args, kwargs)
+
+    def _call(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = _UNSET
+    ) -> Any:
+        if kwargs:
+            kind, payload = _CALL, (name, args, kwargs)
+        else:
+            kind, payload = _MESSAGE, (name, *args)
+        channel = self._channel()
+        if timeout is not _UNSET:
+            channel.timeout = timeout
+        try:
+            try:
+                channel._send(kind, payload)
+            except ConnectionClosed:
+                # On AF_UNIX a closed peer fails the send at once: the call was
+                # never delivered, so sending it on a new connection is safe.
+                channel = self._reconnect()
+                if timeout is not _UNSET:
+                    channel.timeout = timeout
+                channel._send(kind, payload)
+            kind, reply = channel._receive()
+        except BaseException as exc:
+            if not isinstance(exc, (TypeError, ValueError)) or isinstance(exc, ProtocolError):
+                self._drop()  # a late reply must never answer the next call
+            raise
+        finally:
+            if timeout is not _UNSET and not channel.closed:
+                channel.timeout = self._timeout
+        if kind == _MESSAGE and type(reply) is list:
+            return reply[0] if len(reply) == 1 else tuple(reply)
+        if kind == _ERROR:
+            raise error_from_payload(reply)
+        self._drop()
+        raise ProtocolError(f"expected a reply, the server sent a frame of kind {kind!r}")
+
+    def _open_raw(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Channel:
+        channel = self._open()
+        try:
+            if kwargs:
+                channel._send(_CALL, (name, args, kwargs))
+            else:
+                channel._send(_MESSAGE, (name, *args))
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    def with_timeout(self, timeout: float | None) -> _TimedProxy:
+        """Return a view of this proxy whose calls are bounded by ``timeout`` seconds.
+
+        ``proxy.with_timeout(10).hello("Joe")``: the view shares the proxy's
+        connections; a call past its bound raises :class:`Timeout` (a
+        ``TimeoutError``) and discards its connection.
+        """
+        return _TimedProxy(self, timeout)
+
+    def close(self) -> None:
+        """Close every thread's connection; later calls raise :class:`ConnectionClosed`."""
+        self._closed = True
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.channel.close()
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._handler_info:
+            raise AttributeError(
+                f"handler {name!r} clashes with a proxy attribute; use proxy.call({name!r}, ...)"
+            )
+        raise AttributeError(
+            f"the server at {self._path!r} has no handler {name!r}; it has: {sorted(self._handler_info)}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<passrpc.Proxy {self._path!r} handlers={sorted(self._handler_info)}>"
+
+
+class _TimedProxy:
+    """A proxy's methods with another time bound (see :meth:`Proxy.with_timeout`)."""
+
+    def __init__(self, proxy: Proxy, timeout: float | None) -> None:
+        self._proxy = proxy
+        self._timeout = timeout
+
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        return self._proxy._call(name, args, kwargs, self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self._proxy._handler_info or self._proxy._handler_info[name]["raw"]:
+            return getattr(self._proxy, name)
+        proxy, timeout = self._proxy, self._timeout
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return proxy._call(name, args, kwargs, timeout)
+
+        return call
+
+    def __dir__(self) -> list[str]:
+        return dir(self._proxy)
+
+
+_RESERVED = frozenset(dir(Proxy)) | {"handlers"}
+
+
+def _signature(info: dict[str, Any]) -> inspect.Signature | None:
+    class _Default:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def __repr__(self) -> str:
+            return self.text
+
+    try:
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        for p in info.get("params", []):
+            default = _Default(p["default"]) if "default" in p else inspect.Parameter.empty
+            params.append(
+                inspect.Parameter(p["name"], inspect._ParameterKind(p["kind"]), default=default)
+            )
+        return inspect.Signature(params)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _method(name: str, info: dict[str, Any]) -> Callable[..., Any]:
+    if info.get("raw"):
+
+        def method(self: Proxy, *args: Any, **kwargs: Any) -> Any:
+            return self._open_raw(name, args, kwargs)
+
+    else:
+
+        def method(self: Proxy, *args: Any, **kwargs: Any) -> Any:
+            return self._call(name, args, kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = info.get("doc") or None
+    signature = _signature(info)
+    if signature is not None:
+        method.__signature__ = signature  # type: ignore[attr-defined]
+    return method
+
+
+def proxy_class(described: list[dict[str, Any]]) -> type[Proxy]:
+    """Make a :class:`Proxy` subclass with one method per described handler."""
+    namespace: dict[str, Any] = {"_handler_info": {}}
+    for info in described:
+        name = info["name"]
+        namespace["_handler_info"][name] = info
+        if name.isidentifier() and not keyword.iskeyword(name) and name not in _RESERVED:
+            namespace[name] = _method(name, info)
+    return type("Proxy", (Proxy,), namespace)
+
+
+def connect(
+    socket_path: str | os.PathLike[str],
+    *,
+    password: str | bytes,
+    timeout: float | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Proxy:
+    """Connect to a passrpc server and return a proxy of its handlers.
+
+    The proxy learns the handlers (names, signatures, docstrings) from the
+    server itself, so this works in a process that has no :class:`Server`.
+
+    Args:
+        socket_path: the server's socket.
+        password: the server's password.
+        timeout: seconds that bound connecting and then every call; None
+            waits forever.
+
+    Raises:
+        ConnectionClosed: nobody listens at ``socket_path``.
+        AuthenticationError: wrong password, or a server of another user.
+        Timeout: the server did not answer in time.
+    """
+    path = os.fspath(socket_path)
+    key = password_key(password)
+    channel = open_channel(path, key, timeout=timeout, limits=limits)
+    try:
+        channel._send(_DESCRIBE, None)
+        kind, described = channel._receive()
+        if kind != _DESCRIBE or not isinstance(described, list):
+            raise ProtocolError(f"the server answered introspection with a frame of kind {kind!r}")
+        proxy = proxy_class(described)(path, password, timeout=timeout, limits=limits)
+    except BaseException:
+        channel.close()
+        raise
+    proxy._adopt(channel)
+    return proxy
+
+
+def _server_proxy(server: Server, *, timeout: float | None = None) -> Proxy:
+    cls = proxy_class(_describe(server._handlers))
+    return cls(server.socket_path, server.password, timeout=timeout, limits=server._limits)
+
+
+_proxy_factories["sync"] = _server_proxy
