@@ -515,8 +515,10 @@ class Server:
     def on_signal(self, sig: str | int) -> Callable[[F], F]:
         """Decorator form of :meth:`add_signal_handler`; the function is returned unchanged."""
 
+        signum = _parse_signal(sig)  # a bad name fails at the decorator line
+
         def register(fn: F) -> F:
-            self.add_signal_handler(sig, fn)
+            self.add_signal_handler(signum, fn)
             return fn
 
         return register
