@@ -102,9 +102,8 @@ class TestProxyShape:
 
     def test_raw_handler_method_hands_back_the_channel(self, server: Server) -> None:
         """A raw handler's method returns a Channel to converse on."""
-        with server.proxy(timeout=5) as proxy:
-            with proxy.stream(3) as channel:
-                assert [channel.read()[0] for _ in range(3)] == [0, 1, 2]
+        with server.proxy(timeout=5) as proxy, proxy.stream(3) as channel:
+            assert [channel.read()[0] for _ in range(3)] == [0, 1, 2]
 
     def test_connect_learns_the_handlers(self, server: Server) -> None:
         """passrpc.connect() builds the same proxy from the server's introspection."""

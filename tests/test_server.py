@@ -21,7 +21,6 @@ import passrpc
 from passrpc import (
     AuthenticationError,
     ConfigurationError,
-    ConnectionClosed,
     FileDescriptor,
     RemoteError,
     Server,
@@ -97,16 +96,15 @@ class TestSeed:
             channel.write("sum", sum(numbers))
             channel.write("done")
 
-        with server:
-            with server.connect(timeout=5) as channel:
-                channel.write("sum", 3)
-                for n in (1, 2, 39):
-                    channel.write(n)
-                assert channel.read() == ("sum", 42)
-                assert channel.read() == ("done",)
-                channel.write("sum", 1)  # the connection serves the next request
-                channel.write(5)
-                assert channel.read() == ("sum", 5)
+        with server, server.connect(timeout=5) as channel:
+            channel.write("sum", 3)
+            for n in (1, 2, 39):
+                channel.write(n)
+            assert channel.read() == ("sum", 42)
+            assert channel.read() == ("done",)
+            channel.write("sum", 1)  # the connection serves the next request
+            channel.write(5)
+            assert channel.read() == ("sum", 5)
 
     def test_descriptors_both_ways(self) -> None:
         """A handler returns a pipe's end, and reads from one a client sent."""
@@ -243,11 +241,10 @@ class TestAdversarialClients:
     def test_silent_client_is_dropped_after_the_handshake_timeout(self) -> None:
         """A client that never authenticates is disconnected after handshake_timeout."""
         server = make_seed_server(handshake_timeout=0.2)
-        with server:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(server.socket_path)
-                s.settimeout(5)
-                assert s.recv(4096) == b""
+        with server, socket.socket(socket.AF_UNIX) as s:
+            s.connect(server.socket_path)
+            s.settimeout(5)
+            assert s.recv(4096) == b""
 
     def test_bad_requests_get_errors_and_keep_the_connection(self, seed: Server) -> None:
         """A message without a str name gets a clear error; the connection stays usable."""
