@@ -1,0 +1,1 @@
+"""Runnable examples of passrpc: ``python examples/hello.py`` or ``python -m examples.hello``."""

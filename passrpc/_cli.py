@@ -1,0 +1,562 @@
+"""The command line: ``python -m passrpc`` serves, calls and lists.
+
+``python -m passrpc app:server`` (or ``serve app:server``) runs a server in
+the foreground; ``call`` and ``list`` are clients. See docs/cli.md for the
+guide. Exit statuses: 0 success, 1 the operation failed (a remote error, a
+wrong password, no server), 2 a usage error (bad arguments, a target that
+cannot be loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from ._auth import password_key
+from ._client import Proxy, connect
+from ._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionClosed,
+    Error,
+    RemoteError,
+    StartError,
+    TargetError,
+    Timeout,
+)
+from ._fd import FileDescriptor
+from ._server import MAX_SOCKET_PATH, Server
+from ._target import load_target
+
+logger = logging.getLogger("passrpc.cli")
+
+#: The environment variable that carries the password to every subcommand.
+PASSWORD_ENV = "PASSRPC_PASSWORD"  # noqa: S105 (a variable name, not a password)
+#: The environment variable ``call`` and ``list`` read when ``--socket`` is not given.
+SOCKET_ENV = "PASSRPC_SOCKET"
+#: Appended to the socket path to name the password file ``serve`` writes.
+PASSWORD_SUFFIX = ".password"  # noqa: S105 (a file name suffix)
+
+#: Seconds ``call`` and ``list`` wait by default: long enough for any
+#: interactive handler, short enough that a hung server does not hang a script.
+DEFAULT_TIMEOUT = 30.0
+
+_SUBCOMMANDS = ("serve", "call", "list")
+_EXIT_FAILED = 1
+_EXIT_USAGE = 2
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class _UsageError(Exception):
+    """A mistake on the command line: one line on stderr, exit status 2."""
+
+
+class _Failure(Exception):
+    """The operation failed: the message on stderr, exit status 1."""
+
+
+# Passwords ------------------------------------------------------------------
+
+
+def _read_password_file(path: str) -> bytes:
+    """Return the password stored in ``path``: its bytes without one trailing newline."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+            mode = os.fstat(file.fileno()).st_mode
+    except OSError as exc:
+        raise _UsageError(f"cannot read the password file {path!r}: {exc.strerror}") from exc
+    if data.endswith(b"\n"):
+        data = data[:-1]
+        if data.endswith(b"\r"):
+            data = data[:-1]
+    if not data:
+        raise _UsageError(f"the password file {path!r} is empty")
+    if mode & 0o077:
+        _warn(
+            f"the password file {path!r} is readable by others (mode {stat.S_IMODE(mode):04o}); "
+            f"chmod 600 it"
+        )
+    return data
+
+
+def _password_from(args: argparse.Namespace) -> bytes | None:
+    """The password the user gave: ``--password-file`` first, then ``$PASSRPC_PASSWORD``."""
+    if args.password_file is not None:
+        return _read_password_file(args.password_file)
+    value = os.environb.get(PASSWORD_ENV.encode())
+    return value or None
+
+
+def _write_password_file(path: str, password: str | bytes) -> tuple[int, int]:
+    """Write ``password`` to a new file of mode 0600; return its (st_dev, st_ino).
+
+    O_EXCL makes sure the file is new (no one else's file, no symlink
+    followed), and the mode is set at creation, so the password is never
+    readable by anyone else, not even for an instant.
+    """
+    data = password.encode() if isinstance(password, str) else bytes(password)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data + b"\n")
+        while view:
+            view = view[os.write(fd, view) :]
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _remove_stale_password_file(path: str, socket_path: str) -> None:
+    """Remove a password file a dead server left behind; refuse if its server still runs."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if _is_live_socket(socket_path):
+        raise _Failure(
+            f"a server already listens on {socket_path!r}: stop it, or choose another --socket"
+        )
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        raise _Failure(
+            f"{path!r} exists and is not a password file of ours; passrpc never removes it: "
+            "remove it yourself, or choose another --socket"
+        )
+    os.unlink(path)
+    logger.info("removed the stale password file %s", path)
+
+
+def _is_live_socket(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+# serve ----------------------------------------------------------------------
+
+
+def _make_server(spec: str) -> Server:
+    """Load ``spec`` and return the server it names (an instance, a class or a factory)."""
+    obj = load_target(spec)
+    if isinstance(obj, Server):
+        return obj
+    if not callable(obj):
+        raise TargetError(
+            f"{spec!r} is {obj!r}, not a passrpc.Server, a Server subclass or a factory of one"
+        )
+    what = "class" if isinstance(obj, type) else "factory"
+    try:
+        server = obj()
+    except Exception as exc:
+        raise TargetError(
+            f"calling the {what} {spec!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(server, Server):
+        raise TargetError(f"the {what} {spec!r} returned {server!r}, not a passrpc.Server")
+    return server
+
+
+def _configure(server: Server, socket_path: str | None, password: bytes | None) -> None:
+    """Point ``server`` at another socket path and password before it serves.
+
+    This sets private attributes, as passrpc/_spawn.py does; a public
+    ``Server.configure(socket_path=, password=)`` that refuses once the
+    server runs would replace both uses.
+    """
+    if server.started:
+        raise _Failure(f"{server!r} is already running; the command line serves a fresh server")
+    if socket_path is not None:
+        path = os.path.abspath(socket_path)
+        size = len(os.fsencode(path))
+        if size > MAX_SOCKET_PATH:
+            raise _UsageError(
+                f"--socket {path!r} is {size} bytes; AF_UNIX allows at most {MAX_SOCKET_PATH}: "
+                "choose a shorter path"
+            )
+        server._socket_path = path
+        server._own_dir = None
+    if password is not None:
+        server._password = password
+        server._key = password_key(password)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(name)s[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("passrpc").setLevel(args.log_level.upper())
+    # As Flask does: the console script does not put the current directory on
+    # sys.path the way ``python -m`` does, and app:server usually lives there.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    password = _password_from(args)
+    try:
+        server = _make_server(args.target)
+    except TargetError as exc:
+        raise _UsageError(str(exc)) from exc
+    _configure(server, args.socket, password)
+
+    created_dir = None
+    password_file = None
+    identity = None
+    try:
+        if password is None:
+            password_file = server.socket_path + PASSWORD_SUFFIX
+            try:
+                if server._own_dir is not None:
+                    # The server's private directory is made here, 0700 as the
+                    # server makes it, so the password can sit beside the socket.
+                    os.mkdir(server._own_dir, 0o700)
+                    created_dir = server._own_dir
+                _remove_stale_password_file(password_file, server.socket_path)
+                identity = _write_password_file(password_file, server.password)
+            except OSError as exc:
+                raise _Failure(
+                    f"cannot write the password file {password_file!r}: {exc.strerror}; "
+                    f"choose another --socket, or give the password with ${PASSWORD_ENV} "
+                    "or --password-file"
+                ) from exc
+        logger.info("serving %s on %s", args.target, server.socket_path)
+        if password_file is not None:
+            logger.info(
+                "password in %s (mode 0600; call and list read it from there)", password_file
+            )
+        else:
+            logger.info("password from %s", args.password_file or "$" + PASSWORD_ENV)
+        try:
+            server.serve()
+        except StartError as exc:
+            raise _Failure(str(exc)) from exc
+        except ConfigurationError as exc:
+            raise _UsageError(str(exc)) from exc
+        except Exception:
+            # The app's own code failed (initialize_server, say): its traceback
+            # is what the user needs.
+            logger.exception("the server failed")
+            _remove_socket_after_failure(server)
+            return _EXIT_FAILED
+        logger.info("stopped; %s removed", server.socket_path)
+        return 0
+    finally:
+        if password_file is not None and identity is not None:
+            with contextlib.suppress(OSError):
+                st = os.lstat(password_file)
+                if (st.st_dev, st.st_ino) == identity:
+                    os.unlink(password_file)
+        if created_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(created_dir)
+
+
+def _remove_socket_after_failure(server: Server) -> None:
+    """Remove the socket a failed serve() left behind.
+
+    Server.serve() does not clean up when initialize_server raises (the
+    listener stays open and the socket file stays). serve() got past
+    binding, so the socket at the path is the one it made; this goes once
+    the server layer cleans up after itself.
+    """
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(server.socket_path).st_mode):
+            os.unlink(server.socket_path)
+    if server._own_dir is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(server._own_dir)
+
+
+# call and list --------------------------------------------------------------
+
+
+def _client_password(args: argparse.Namespace, socket_path: str) -> bytes:
+    password = _password_from(args)
+    if password is not None:
+        return password
+    beside = socket_path + PASSWORD_SUFFIX
+    if os.path.exists(beside):
+        return _read_password_file(beside)
+    raise _UsageError(
+        f"no password: set ${PASSWORD_ENV}, pass --password-file, or run the server with "
+        f"'python -m passrpc serve', which writes {beside!r}"
+    )
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    path: str | None = args.socket or os.environ.get(SOCKET_ENV)
+    if not path:
+        raise _UsageError(f"which server? pass --socket PATH (or set ${SOCKET_ENV})")
+    return path
+
+
+def _connect(args: argparse.Namespace) -> Proxy:
+    path = _socket_path(args)
+    password = _client_password(args, path)
+    timeout = args.timeout if args.timeout and args.timeout > 0 else None
+    try:
+        return connect(path, password=password, timeout=timeout)
+    except AuthenticationError as exc:
+        raise _Failure(
+            f"authentication failed: {exc} (check ${PASSWORD_ENV} or --password-file)"
+        ) from exc
+
+
+def _parse_value(text: str) -> Any:
+    """JSON where the text is JSON, else the text itself as a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _jsonable(value: Any, fds: list[int]) -> Any:
+    """Turn a reply into values ``json`` can write (see docs/cli.md, "Output")."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, fds) for item in value]
+    if isinstance(value, dict):
+        return {
+            key
+            if isinstance(key, (str, int, float, bool)) or key is None
+            else json.dumps(_jsonable(key, fds)): _jsonable(item, fds)
+            for key, item in value.items()
+        }
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, FileDescriptor):
+        number = value.fileno()
+        fds.append(number)
+        return {"$fd": number}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    code = getattr(value, "code", None)
+    data = getattr(value, "data", None)
+    if isinstance(code, int) and isinstance(data, bytes):  # a msgpack ExtType
+        return {"$ext": code, "$bytes": base64.b64encode(data).decode("ascii")}
+    return {"$repr": repr(value)}
+
+
+def _close_fds(value: Any) -> None:
+    if isinstance(value, FileDescriptor):
+        value.close()
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _close_fds(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _close_fds(key)
+            _close_fds(item)
+
+
+def _call(args: argparse.Namespace) -> int:
+    positional = [_parse_value(text) for text in args.args]
+    keywords: dict[str, Any] = {}
+    for item in args.kwarg:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise _UsageError(f"-k takes NAME=VALUE, got {item!r}")
+        keywords[name] = _parse_value(text)
+    with _connect(args) as proxy:
+        try:
+            reply = proxy.call(args.name, *positional, **keywords)
+        except RemoteError as exc:
+            raise _Failure(f"handler {args.name!r} raised {exc}") from exc
+    fds: list[int] = []
+    try:
+        text = json.dumps(
+            _jsonable(reply, fds), ensure_ascii=False, indent=args.indent, sort_keys=False
+        )
+    finally:
+        _close_fds(reply)
+    print(text)
+    if fds:
+        print(
+            f"passrpc call: note: the reply carried {len(fds)} file descriptor(s), shown as "
+            '{"$fd": N} with the number they had in this process; they are closed now',
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _connect(args) as proxy:
+        described = list(proxy._handler_info.values())
+    if args.json:
+        print(json.dumps(described, ensure_ascii=False, indent=2))
+        return 0
+    for info in sorted(described, key=lambda item: str(item["name"])):
+        raw = "  [raw: converses on the channel]" if info.get("raw") else ""
+        print(f"{info['name']}{info.get('signature', '(...)')}{raw}")
+        for line in (info.get("doc") or "").splitlines():
+            print(f"    {line}" if line else "")
+    return 0
+
+
+# The parser -----------------------------------------------------------------
+
+
+def _add_password_file(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--password-file", metavar="FILE", help=help)
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"the server's socket (default: ${SOCKET_ENV})",
+    )
+    _add_password_file(
+        parser,
+        f"read the password from FILE (default: ${PASSWORD_ENV}, else the file "
+        f"SOCKET{PASSWORD_SUFFIX} that 'serve' writes)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"bound on connecting and on the call (default: {DEFAULT_TIMEOUT:g}; 0 for none)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="python -m passrpc",
+        description=(
+            "Serve a passrpc server in the foreground, or call one. "
+            "'python -m passrpc app:server' is short for 'python -m passrpc serve app:server'."
+        ),
+        epilog="Exit status: 0 success, 1 the operation failed, 2 a usage error. See docs/cli.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"passrpc {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve module:attribute in the foreground (the default command)",
+        description=(
+            "Serve a passrpc.Server in the foreground until SIGINT or SIGTERM. TARGET is "
+            "module:attribute (or path/to/file.py:attribute); the attribute (default 'server') "
+            "is a Server, a Server subclass or a factory that returns one. Without "
+            f"${PASSWORD_ENV} or --password-file, the server's own password is written to "
+            f"SOCKET{PASSWORD_SUFFIX} (mode 0600), removed again on exit."
+        ),
+    )
+    serve.add_argument("target", metavar="TARGET", help="module:attribute, e.g. app:server")
+    serve.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="listen here instead of the server's own socket path",
+    )
+    _add_password_file(
+        serve,
+        f"read the password from FILE instead of ${PASSWORD_ENV} or the server's own",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default="info",
+        type=str.lower,
+        help="how much to log on stderr (default: info)",
+    )
+    serve.set_defaults(run=_serve)
+
+    call = commands.add_parser(
+        "call",
+        help="call a handler and print its reply as JSON",
+        description=(
+            "Call handler NAME with ARGS and print the reply as one JSON value (several "
+            "returned values make a JSON array). Each ARG is parsed as JSON where it parses, "
+            "else taken as a string: 3 is a number, '\"3\"' a string, Joe a string. Bytes "
+            'print as {"$bytes": BASE64}, file descriptors as {"$fd": N}. A remote error '
+            "goes to stderr with exit status 1. Put -- before ARGS that start with '-'."
+        ),
+    )
+    _add_client_options(call)
+    call.add_argument(
+        "-k",
+        "--kwarg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a keyword argument (VALUE parsed as ARGS are); repeatable",
+    )
+    call.add_argument("--indent", type=int, default=None, metavar="N", help="pretty-print the JSON")
+    call.add_argument("name", metavar="NAME", help="the handler to call")
+    call.add_argument("args", nargs="*", metavar="ARGS", help="its positional arguments")
+    call.set_defaults(run=_call)
+
+    listing = commands.add_parser(
+        "list",
+        help="list the handlers with their signatures and docs",
+        description="List the server's handlers: name, signature and docstring of each.",
+    )
+    _add_client_options(listing)
+    listing.add_argument(
+        "--json", action="store_true", help="print the server's description as JSON"
+    )
+    listing.set_defaults(run=_list)
+    return parser
+
+
+def _warn(message: str) -> None:
+    print(f"passrpc: warning: {message}", file=sys.stderr)
+
+
+def _fail(prog: str, message: str, status: int) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``passrpc`` command line and return its exit status.
+
+    ``argv`` defaults to ``sys.argv[1:]``. If the first argument is not a
+    subcommand (``serve``, ``call``, ``list``) or an option of the main
+    parser, ``serve`` is assumed: ``python -m passrpc app:server``.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] not in (*_SUBCOMMANDS, "-h", "--help", "--version"):
+        args_list.insert(0, "serve")
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return _EXIT_USAGE
+    prog = f"passrpc {args.command}"
+    try:
+        status: int = args.run(args)
+    except _UsageError as exc:
+        _fail(prog, str(exc), _EXIT_USAGE)
+    except _Failure as exc:
+        _fail(prog, str(exc), _EXIT_FAILED)
+    except RemoteError as exc:
+        _fail(prog, f"the server raised {exc}", _EXIT_FAILED)
+    except (ConnectionClosed, Timeout, Error) as exc:
+        _fail(prog, str(exc), _EXIT_FAILED)
+    except KeyboardInterrupt:
+        # SIGINT before the server took it over (during import, say).
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return status

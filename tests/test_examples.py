@@ -1,0 +1,58 @@
+"""Every example runs as written, as a script and as a module, exits 0 and prints what it says."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Each example and lines (regular expressions) its output must contain.
+EXPECTED = {
+    "hello": [
+        r"^proxy:   Hello Joe Dalton, how are you\? \(1234\)$",
+        r"^channel: Hello Jack Dalton, how are you\? \(1234\)$",
+    ],
+    "passenger_subclass": [r"^\('Hello Joe Dalton, how are you\?', 1234\)$"],
+    "fd_passing": [
+        r"^pipe: line 1 of 3, written by pid \d+$",
+        r"^pipe: line 3 of 3, written by pid \d+$",
+        r"^file: Welcome: this text came through a descriptor, not the socket\.$",
+    ],
+    "preloader": [
+        r"^worker \d+, forked by the preloader \d+: 1/7 = 0\.142857142857142857142857142857$",
+        r"^worker \d+, forked by the preloader \d+: 22/7 = 3\.14285714285714285714285714286$",
+        r"^2 workers served and reaped: True$",
+    ],
+}
+
+
+#: Every example in the directory runs, whether or not EXPECTED checks its output.
+EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.py") if p.stem != "__init__")
+
+
+def test_expected_examples_exist() -> None:
+    """Every example EXPECTED checks is still in examples/."""
+    assert set(EXPECTED) <= set(EXAMPLES)
+
+
+@pytest.mark.parametrize("form", ["script", "module"])
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs(name: str, form: str) -> None:
+    """``python examples/NAME.py`` and ``python -m examples.NAME`` exit 0 with the expected output."""
+    argv = [f"examples/{name}.py"] if form == "script" else ["-m", f"examples.{name}"]
+    env = dict(os.environ)
+    # As after `pip install -e .`: the package importable from anywhere.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    for pattern in EXPECTED.get(name, []):
+        assert re.search(pattern, result.stdout, re.MULTILINE), (pattern, result.stdout)
