@@ -17,10 +17,12 @@ from ._wire import DEFAULT_LIMITS, Decoder, Encoder, Kind, Limits, error_from_pa
 
 _MESSAGE = int(Kind.MESSAGE)
 _ERROR = int(Kind.ERROR)
-_SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-_NOSIGNAL = socket.MSG_NOSIGNAL
-_CLOEXEC = socket.MSG_CMSG_CLOEXEC
-_CTRUNC = socket.MSG_CTRUNC
+# Plain ints: the socket module's flags are enums, and enum arithmetic is slow
+# on a path that runs for every message.
+_SCM = (int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS))
+_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 _PEERCRED = struct.Struct("3i")
 
 #: Below this size header and body are joined and sent with one sendall; a
@@ -83,6 +85,13 @@ class Channel:
         self._ancbufsize = socket.CMSG_SPACE(limits.max_fds * 4) if limits.max_fds else 0
         self._closed = False
         sock.settimeout(timeout)
+        # Bound once: the read and write paths below run for every message.
+        self._encode = self._encoder.encode
+        self._next_frame = self._decoder.next_frame
+        self._get_buffer = self._decoder.get_buffer
+        self._buffer_updated = self._decoder.buffer_updated
+        self._sendall = sock.sendall
+        self._recvmsg_into = sock.recvmsg_into
 
     @classmethod
     def pair(
@@ -151,14 +160,14 @@ class Channel:
         raise ProtocolError(f"expected a message, the peer sent a frame of kind {kind!r}")
 
     def _send(self, kind: int, payload: Any) -> None:
-        header, body, fds = self._encoder.encode(kind, payload)
+        header, body, fds = self._encode(kind, payload)
         try:
             if fds:
                 ancillary = [(*_SCM, array.array("i", fds))]
                 sent = self._sock.sendmsg([header, body], ancillary, _NOSIGNAL)
                 self._send_rest(header, body, sent)
             elif len(body) < _JOIN_BELOW:
-                self._sock.sendall(header + body, _NOSIGNAL)
+                self._sendall(header + body, _NOSIGNAL)
             else:
                 sent = self._sock.sendmsg([header, body], (), _NOSIGNAL)
                 self._send_rest(header, body, sent)
@@ -177,26 +186,32 @@ class Channel:
             self._sock.sendall(memoryview(body)[sent - len(header) :], _NOSIGNAL)
 
     def _receive(self) -> tuple[int, Any]:
-        decoder = self._decoder
+        next_frame = self._next_frame
         try:
-            frame = decoder.next_frame()
+            frame = next_frame()
             while frame is None:
-                self._fill()
-                frame = decoder.next_frame()
+                try:
+                    nbytes, ancillary, flags, _ = self._recvmsg_into(
+                        [self._get_buffer()], self._ancbufsize, _CLOEXEC
+                    )
+                except OSError as exc:
+                    self._raise(exc, "receiving")
+                # Linux echoes MSG_CMSG_CLOEXEC in flags; only MSG_CTRUNC matters.
+                if ancillary or flags & _CTRUNC or not nbytes:
+                    self._received_unusual(nbytes, ancillary, flags)
+                else:
+                    self._buffer_updated(nbytes)
+                frame = next_frame()
         except ProtocolError:
             self.close()
             raise
         return frame
 
-    def _fill(self) -> None:
-        buffer = self._decoder.get_buffer()
-        try:
-            nbytes, ancillary, flags, _ = self._sock.recvmsg_into(
-                [buffer], self._ancbufsize, _CLOEXEC
-            )
-        except OSError as exc:
-            self._raise(exc, "receiving")
-        fds = _descriptors(ancillary) if ancillary else ()
+    def _received_unusual(
+        self, nbytes: int, ancillary: list[tuple[int, int, bytes]], flags: int
+    ) -> None:
+        """Descriptors, a truncation or end of stream: off the hot path."""
+        fds = _descriptors(ancillary)
         if flags & _CTRUNC:
             for fd in fds:
                 fd.close()

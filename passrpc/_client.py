@@ -13,7 +13,7 @@ from typing import Any
 
 from ._auth import open_channel, password_key
 from ._channel import Channel
-from ._errors import ConnectionClosed, ProtocolError
+from ._errors import ConnectionClosed, EncodeError, ProtocolError
 from ._server import Server, _describe, _proxy_factories
 from ._wire import DEFAULT_LIMITS, Kind, Limits, error_from_payload
 
@@ -124,11 +124,16 @@ class Proxy:
     def _call(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = _UNSET
     ) -> Any:
+        # The hot path of every proxy call: kept flat on purpose.
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        if connection is not None and connection.generation == _generation[0]:
+            channel = connection.channel
+        else:
+            channel = self._reconnect()
         if kwargs:
             kind, payload = _CALL, (name, args, kwargs)
         else:
             kind, payload = _MESSAGE, (name, *args)
-        channel = self._channel()
         if timeout is not _UNSET:
             channel.timeout = timeout
         try:
@@ -142,9 +147,10 @@ class Proxy:
                     channel.timeout = timeout
                 channel._send(kind, payload)
             kind, reply = channel._receive()
-        except BaseException as exc:
-            if not isinstance(exc, (TypeError, ValueError)) or isinstance(exc, ProtocolError):
-                self._drop()  # a late reply must never answer the next call
+        except EncodeError:
+            raise  # nothing was sent: the connection is still in step
+        except BaseException:
+            self._drop()  # a late reply must never answer the next call
             raise
         finally:
             if timeout is not _UNSET and not channel.closed:

@@ -17,6 +17,7 @@ import errno
 import inspect
 import logging
 import os
+import queue
 import secrets
 import select
 import signal
@@ -934,6 +935,21 @@ class Server:
             os._exit(code)
 
 
+#: Client threads kept waiting for a next client, and for how long.
+_MAX_IDLE_WORKERS = 16
+_IDLE_WORKER_SECONDS = 30.0
+
+
+class _Worker:
+    """A client thread and its inbox of accepted sockets."""
+
+    __slots__ = ("jobs", "thread")
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+
 class _Loop:
     """One run of a server's main loop, in whichever process serves it."""
 
@@ -957,6 +973,7 @@ class _Loop:
         self.handlers = dict(server._handlers)
         self.describe = _describe(self.handlers)
         self.clients: dict[socket.socket, threading.Thread] = {}
+        self.idle: list[_Worker] = []  # client threads waiting for their next client
         self.clients_lock = threading.Lock()
         self.stopping = False
         self.wake_r, self.wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1078,20 +1095,55 @@ class _Loop:
                     return False
                 logger.debug("accept failed: %s", exc)
                 continue
-            thread = threading.Thread(
-                target=self._serve_client, args=(sock,), name="passrpc-client", daemon=True
-            )
-            with self.clients_lock:
-                self.clients[sock] = thread
-            try:
-                thread.start()
-            except RuntimeError as exc:
-                logger.warning("cannot start a client thread (%s); backing off", exc)
-                with self.clients_lock:
-                    del self.clients[sock]
-                sock.close()
+            if not self._dispatch(sock):
                 return False
         return True
+
+    def _dispatch(self, sock: socket.socket) -> bool:
+        """Hand a new client to an idle worker thread, or start one; False if none can start."""
+        with self.clients_lock:
+            if self.idle:
+                worker = self.idle.pop()
+                self.clients[sock] = worker.thread  # type: ignore[assignment]
+                worker.jobs.put(sock)
+                return True
+        worker = _Worker()
+        worker.thread = threading.Thread(
+            target=self._work, args=(worker, sock), name="passrpc-client", daemon=True
+        )
+        with self.clients_lock:
+            self.clients[sock] = worker.thread
+        try:
+            worker.thread.start()
+        except RuntimeError as exc:
+            logger.warning("cannot start a client thread (%s); backing off", exc)
+            with self.clients_lock:
+                del self.clients[sock]
+            sock.close()
+            return False
+        return True
+
+    def _work(self, worker: _Worker, sock: socket.socket | None) -> None:
+        """A client thread: serves one client at a time, then waits a while for the next.
+
+        Reusing threads spares each new connection a thread start, a large
+        part of a short connection's cost; each client still has a thread
+        of its own for as long as it stays connected.
+        """
+        while sock is not None:
+            self._serve_client(sock)
+            with self.clients_lock:
+                if self.stopping or len(self.idle) >= _MAX_IDLE_WORKERS:
+                    return
+                self.idle.append(worker)
+            try:
+                sock = worker.jobs.get(timeout=_IDLE_WORKER_SECONDS)
+            except queue.Empty:
+                with self.clients_lock:
+                    if worker in self.idle:
+                        self.idle.remove(worker)
+                        return
+                sock = worker.jobs.get()  # claimed just as the wait ended: the job is coming
 
     def _serve_client(self, sock: socket.socket) -> None:
         server = self.server
@@ -1113,78 +1165,69 @@ class _Loop:
                 channel.close()
 
     def _converse(self, channel: Channel) -> None:
+        """Serve one authenticated client's requests until it leaves."""
         handlers = self.handlers
         receive = channel._receive
         send = channel._send
-        while True:
-            try:
-                kind, payload = receive()
-            except ConnectionClosed:
-                return
-            except Timeout:
-                logger.debug("closing a connection idle for %s s", channel.timeout)
-                return
-            except ProtocolError as exc:
-                logger.warning("closing a connection that broke the protocol: %s", exc)
-                return
-            kwargs: dict[str, Any] = {}
-            if kind == _MESSAGE and type(payload) is list and payload and type(payload[0]) is str:
-                name, args = payload[0], payload[1:]
-            elif kind == _CALL and _is_call(payload):
-                name, args, kwargs = payload
-            elif kind == _DESCRIBE:
-                send(_DESCRIBE, self.describe)
-                continue
-            else:
-                send(
-                    _ERROR,
-                    error_payload(
-                        ERROR_BAD_REQUEST,
-                        "ProtocolError",
-                        f"a request is a message whose first value is the handler name (a str); "
-                        f"got a frame of kind {kind!r} with {_short(payload)}",
-                    ),
-                )
-                continue
-            entry = handlers.get(name)
-            if entry is None:
-                send(
-                    _ERROR,
-                    error_payload(
-                        ERROR_UNKNOWN_MESSAGE,
-                        "UnknownMessage",
-                        f"the server has no handler for {name!r}; it has: {sorted(handlers)}",
-                    ),
-                )
-                continue
-            try:
+        try:
+            while True:
+                try:
+                    kind, payload = receive()
+                except Timeout:
+                    logger.debug("closing a connection idle for %s s", channel.timeout)
+                    return
+                except ProtocolError as exc:
+                    logger.warning("closing a connection that broke the protocol: %s", exc)
+                    return
+                kwargs = None
+                if (
+                    kind == _MESSAGE
+                    and type(payload) is list
+                    and payload
+                    and type(payload[0]) is str
+                ):
+                    name = payload[0]
+                    args = payload[1:]
+                elif kind == _CALL and _is_call(payload):
+                    name, args, kwargs = payload
+                elif kind == _DESCRIBE:
+                    send(_DESCRIBE, self.describe)
+                    continue
+                else:
+                    send(_ERROR, _bad_request(kind, payload))
+                    continue
+                entry = handlers.get(name)
+                if entry is None:
+                    send(_ERROR, _unknown_message(name, handlers))
+                    continue
                 if entry.raw:
-                    entry.fn(channel, *args, **kwargs)
-                    if channel.closed:
+                    if not self._run_raw(channel, entry, args, kwargs):
                         return
                     continue
-                result = entry.fn(*args, **kwargs)
-            except ConnectionClosed:
-                if entry.raw:
-                    return
-                self._send_exception(channel, name, *sys.exc_info())
-                continue
-            except Exception:
-                self._send_exception(channel, name, *sys.exc_info())
-                if channel.closed:
-                    return
-                continue
-            try:
-                send(_MESSAGE, list(result) if type(result) is tuple else (result,))
-            except EncodeError as exc:
-                send(
-                    _ERROR,
-                    error_payload(
-                        ERROR_REMOTE,
-                        "EncodeError",
-                        f"handler {name!r} returned a value that cannot be sent: {exc}",
-                    ),
-                )
+                try:
+                    result = entry.fn(*args, **kwargs) if kwargs else entry.fn(*args)
+                except Exception:
+                    self._send_exception(channel, name, *sys.exc_info())
+                    continue
+                try:
+                    # A tuple is a reply of several values; anything else, of one.
+                    send(_MESSAGE, result if type(result) is tuple else (result,))
+                except EncodeError as exc:
+                    send(_ERROR, _unsendable(name, exc))
+        except ConnectionClosed:
+            return
+
+    def _run_raw(
+        self, channel: Channel, entry: _Handler, args: list[Any], kwargs: dict[str, Any] | None
+    ) -> bool:
+        """Run a raw handler; False when the conversation is over."""
+        try:
+            entry.fn(channel, *args, **(kwargs or {}))
+        except Exception:
+            if channel.closed:
+                return False
+            self._send_exception(channel, entry.name, *sys.exc_info())
+        return not channel.closed
 
     def _send_exception(
         self, channel: Channel, name: str, exc_type: Any, exc: Any, tb: TracebackType | None
@@ -1202,6 +1245,9 @@ class _Loop:
         self.listener.close()
         self.server._remove_files(self.identity)
         with self.clients_lock:
+            for worker in self.idle:
+                worker.jobs.put(None)
+            self.idle.clear()
             clients = list(self.clients.items())
             for sock, _ in clients:
                 # Ends each thread's wait for a next request; a running handler
@@ -1218,6 +1264,29 @@ class _Loop:
                 busy,
                 self.server._shutdown_timeout,
             )
+
+
+def _bad_request(kind: Any, payload: Any) -> dict[str, str]:
+    return error_payload(
+        ERROR_BAD_REQUEST,
+        "ProtocolError",
+        "a request is a message whose first value is the handler name (a str); "
+        f"got a frame of kind {kind!r} with {_short(payload)}",
+    )
+
+
+def _unknown_message(name: str, handlers: dict[str, _Handler]) -> dict[str, str]:
+    return error_payload(
+        ERROR_UNKNOWN_MESSAGE,
+        "UnknownMessage",
+        f"the server has no handler for {name!r}; it has: {sorted(handlers)}",
+    )
+
+
+def _unsendable(name: str, exc: Exception) -> dict[str, str]:
+    return error_payload(
+        ERROR_REMOTE, "EncodeError", f"handler {name!r} returned a value that cannot be sent: {exc}"
+    )
 
 
 def _is_call(payload: Any) -> bool:

@@ -25,7 +25,6 @@ frame".
 from __future__ import annotations
 
 import enum
-import functools
 import struct
 from collections import deque
 from collections.abc import Iterable
@@ -52,6 +51,9 @@ FD_EXT_CODE = 1
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
+_unpack_header = _HEADER.unpack_from
+_pack_header = _HEADER.pack
+_unpackb = msgpack.unpackb
 
 #: 64 MiB: large enough for any message that should not be a file descriptor
 #: instead, small enough that a hostile length prefix cannot exhaust memory.
@@ -63,7 +65,7 @@ DEFAULT_MAX_FDS = 64
 _SCM_MAX_FD = 253
 
 #: Receive buffer a decoder starts with: one read takes in many small frames.
-_INITIAL_BUFFER = 64 * 1024
+_INITIAL_BUFFER = 16 * 1024
 
 #: A buffer grown for a large frame is kept up to this size, so that repeated
 #: large messages reuse memory instead of faulting in fresh pages each time
@@ -89,6 +91,7 @@ class Kind(enum.IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_NO_FDS: list[int] = []  # shared, never mutated: most frames carry no descriptors
 _MESSAGE = int(Kind.MESSAGE)
 
 
@@ -155,8 +158,11 @@ class Encoder:
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._limits = limits
+        self._max_frame = limits.max_frame_size
         self._fds: list[int] = []
-        self._pack = msgpack.Packer(default=self._default, use_bin_type=True).pack
+        # A small first buffer: msgpack grows it as needed, and a fresh
+        # connection should not pay for 256 KiB it may never use.
+        self._pack = msgpack.Packer(default=self._default, use_bin_type=True, buf_size=4096).pack
 
     def _default(self, obj: object) -> msgpack.ExtType:
         fileno = getattr(obj, "fileno", None)
@@ -189,28 +195,42 @@ class Encoder:
             EncodeError: a value cannot travel as msgpack; nothing is sent.
             FrameTooLarge: the body or the descriptor count is over the limit.
         """
-        self._fds = []
         try:
             body = self._pack((kind, 0, payload))
-            if self._fds:
-                fds = self._fds
-                if len(fds) > self._limits.max_fds:
-                    raise FrameTooLarge(
-                        f"a message carries {len(fds)} descriptors, over the limit of "
-                        f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
-                    )
-                self._fds = []
-                body = self._pack((kind, len(fds), payload))
-                self._fds = fds
         except (OverflowError, ValueError) as exc:
+            self._fds = []
             raise EncodeError(f"cannot encode the message: {exc}") from exc
-        if len(body) > self._limits.max_frame_size:
+        except BaseException:
+            self._fds = []
+            raise
+        if self._fds:
+            return self._encode_with_fds(kind, payload)
+        if len(body) > self._max_frame:
+            raise self._too_large(len(body))
+        return _pack_header(len(body)), body, _NO_FDS
+
+    def _encode_with_fds(self, kind: int, payload: Any) -> tuple[bytes, bytes, list[int]]:
+        # The count goes before the payload, so pack again now that it is known.
+        fds, self._fds = self._fds, []
+        if len(fds) > self._limits.max_fds:
             raise FrameTooLarge(
-                f"the message encodes to {len(body)} bytes, over the limit of "
-                f"{self._limits.max_frame_size}: send large data through a file descriptor, "
-                "or raise Limits.max_frame_size on both ends"
+                f"a message carries {len(fds)} descriptors, over the limit of "
+                f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
             )
-        return _HEADER.pack(len(body)), body, self._fds
+        try:
+            body = self._pack((kind, len(fds), payload))
+        finally:
+            self._fds = []
+        if len(body) > self._max_frame:
+            raise self._too_large(len(body))
+        return _HEADER.pack(len(body)), body, fds
+
+    def _too_large(self, size: int) -> FrameTooLarge:
+        return FrameTooLarge(
+            f"the message encodes to {size} bytes, over the limit of "
+            f"{self._max_frame}: send large data through a file descriptor, "
+            "or raise Limits.max_frame_size on both ends"
+        )
 
 
 def encode_frame(
@@ -244,16 +264,22 @@ class Decoder:
         self._fds: deque[Descriptor] = deque()
         self._used: set[int] | None = None
         self._broken: ProtocolError | None = None
-        options: dict[str, Any] = {
-            "raw": False,
-            "strict_map_key": False,
-            "ext_hook": self._ext_hook,
+        self._max_frame = limits.max_frame_size
+        self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
+        # msgpack's own length limits, only where the user set them: each
+        # keyword costs time on every frame, and by default msgpack already
+        # derives safe limits from the body's size.
+        self._options: dict[str, Any] = {
+            name: getattr(limits, name)
+            for name in (
+                "max_str_len",
+                "max_bin_len",
+                "max_array_len",
+                "max_map_len",
+                "max_ext_len",
+            )
+            if getattr(limits, name) is not None
         }
-        for name in ("max_str_len", "max_bin_len", "max_array_len", "max_map_len", "max_ext_len"):
-            value = getattr(limits, name)
-            if value is not None:
-                options[name] = value
-        self._unpack = functools.partial(msgpack.unpackb, **options)
 
     @property
     def pending(self) -> int:
@@ -289,6 +315,8 @@ class Decoder:
         Raises:
             FrameTooLarge: the pending frame's header is over the limit.
         """
+        if self._end == 0:  # empty: the whole buffer, no slicing
+            return self._view
         pending = self._end - self._start
         need = HEADER_SIZE - pending
         if pending >= HEADER_SIZE:
@@ -303,6 +331,7 @@ class Decoder:
             buf[:pending] = self._view[self._start : self._end]
             self._buf = buf
             self._view = memoryview(buf)
+            self._oversized = size > _RETAIN_BUFFER
         self._start, self._end = 0, pending
         return self._view[pending:]
 
@@ -317,8 +346,10 @@ class Decoder:
             self._fds.extend(fds)
 
     def _frame_length(self) -> int:
+        if self._broken is not None:
+            raise self._broken
         (length,) = _HEADER.unpack_from(self._buf, self._start)
-        if length > self._limits.max_frame_size:
+        if length > self._max_frame:
             raise self._fail(
                 FrameTooLarge(
                     f"frame at stream offset {self._offset} announces {length} bytes, over the "
@@ -330,6 +361,9 @@ class Decoder:
 
     def _fail(self, exc: ProtocolError) -> ProtocolError:
         self._broken = exc
+        self._start = self._end = 0  # every later call lands on the broken check
+        self._max_frame = -1
+        self._used = None
         self.close()
         return exc
 
@@ -356,33 +390,48 @@ class Decoder:
             ProtocolError: the bytes are not a valid frame; the decoder stays
                 broken and closes every descriptor it holds.
         """
-        if self._broken is not None:
-            raise self._broken
+        # The hot path of every read: kept flat on purpose.
         start = self._start
-        if self._end - start < HEADER_SIZE:
+        end = self._end
+        if end - start < HEADER_SIZE:
+            if self._broken is not None:
+                raise self._broken
             return None
-        end = start + HEADER_SIZE + self._frame_length()
-        if end > self._end:
+        length = _unpack_header(self._buf, start)[0]
+        if length > self._max_frame:
+            self._frame_length()  # raises FrameTooLarge (or the error that broke us)
+        stop = start + HEADER_SIZE + length
+        if stop > end:
             return None
-        offset = self._offset
-        self._used = None
         try:
-            body = self._unpack(self._view[start + HEADER_SIZE : end])
+            if self._options:
+                body = _unpackb(
+                    self._view[start + HEADER_SIZE : stop],
+                    strict_map_key=False,
+                    ext_hook=self._ext_hook,
+                    **self._options,
+                )
+            else:
+                body = _unpackb(
+                    self._view[start + HEADER_SIZE : stop],
+                    strict_map_key=False,
+                    ext_hook=self._ext_hook,
+                )
         except Exception as exc:  # msgpack raises ValueError and its own types
             raise self._fail(
                 ProtocolError(
-                    f"frame at stream offset {offset}: the body is not valid passrpc msgpack "
-                    f"({type(exc).__name__}: {exc})"
+                    f"frame at stream offset {self._offset}: the body is not valid passrpc "
+                    f"msgpack ({type(exc).__name__}: {exc})"
                 )
             ) from exc
-        self._offset += end - start
-        if end == self._end:
+        offset = self._offset
+        self._offset = offset + stop - start
+        if stop == end:
             self._start = self._end = 0
-            if len(self._buf) > _RETAIN_BUFFER:
-                self._buf = bytearray(_INITIAL_BUFFER)
-                self._view = memoryview(self._buf)
+            if self._oversized:
+                self._shrink()
         else:
-            self._start = end
+            self._start = stop
         if type(body) is not list or len(body) != 3:
             raise self._fail(
                 ProtocolError(
@@ -392,14 +441,19 @@ class Decoder:
             )
         kind, nfds, payload = body
         if (
-            self._used is None
-            and type(kind) is int
+            nfds == 0
             and kind == _MESSAGE
+            and self._used is None
+            and type(kind) is int
             and type(nfds) is int
-            and nfds == 0
         ):
             return kind, payload
         return self._check_frame(offset, kind, nfds, payload)
+
+    def _shrink(self) -> None:
+        self._buf = bytearray(_INITIAL_BUFFER)
+        self._view = memoryview(self._buf)
+        self._oversized = False
 
     def _check_frame(self, offset: int, kind: Any, nfds: Any, payload: Any) -> tuple[int, Any]:
         if type(kind) is not int or kind not in _KINDS:
@@ -423,7 +477,7 @@ class Decoder:
                     f"{len(self._fds)} arrived with it"
                 )
             )
-        used = self._used or set()
+        used, self._used = self._used or set(), None
         if used and max(used) >= nfds:
             raise self._fail(
                 ProtocolError(
