@@ -21,7 +21,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from ._auth import password_key
 from ._client import Proxy, connect
 from ._errors import (
     AuthenticationError,
@@ -34,7 +33,7 @@ from ._errors import (
     Timeout,
 )
 from ._fd import FileDescriptor
-from ._server import MAX_SOCKET_PATH, Server
+from ._server import Server
 from ._target import load_target
 
 logger = logging.getLogger("passrpc.cli")
@@ -177,27 +176,13 @@ def _make_server(spec: str) -> Server:
 
 
 def _configure(server: Server, socket_path: str | None, password: bytes | None) -> None:
-    """Point ``server`` at another socket path and password before it serves.
-
-    This sets private attributes, as passrpc/_spawn.py does; a public
-    ``Server.configure(socket_path=, password=)`` that refuses once the
-    server runs would replace both uses.
-    """
+    """Point ``server`` at the socket path and password given on the command line."""
     if server.started:
         raise _Failure(f"{server!r} is already running; the command line serves a fresh server")
-    if socket_path is not None:
-        path = os.path.abspath(socket_path)
-        size = len(os.fsencode(path))
-        if size > MAX_SOCKET_PATH:
-            raise _UsageError(
-                f"--socket {path!r} is {size} bytes; AF_UNIX allows at most {MAX_SOCKET_PATH}: "
-                "choose a shorter path"
-            )
-        server._socket_path = path
-        server._own_dir = None
-    if password is not None:
-        server._password = password
-        server._key = password_key(password)
+    try:
+        server._reconfigure(socket_path=socket_path, password=password)
+    except ConfigurationError as exc:
+        raise _UsageError(f"--socket: {exc}") from exc
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -255,7 +240,6 @@ def _serve(args: argparse.Namespace) -> int:
             # The app's own code failed (initialize_server, say): its traceback
             # is what the user needs.
             logger.exception("the server failed")
-            _remove_socket_after_failure(server)
             return _EXIT_FAILED
         logger.info("stopped; %s removed", server.socket_path)
         return 0
@@ -268,22 +252,6 @@ def _serve(args: argparse.Namespace) -> int:
         if created_dir is not None:
             with contextlib.suppress(OSError):
                 os.rmdir(created_dir)
-
-
-def _remove_socket_after_failure(server: Server) -> None:
-    """Remove the socket a failed serve() left behind.
-
-    Server.serve() does not clean up when initialize_server raises (the
-    listener stays open and the socket file stays). serve() got past
-    binding, so the socket at the path is the one it made; this goes once
-    the server layer cleans up after itself.
-    """
-    with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(os.lstat(server.socket_path).st_mode):
-            os.unlink(server.socket_path)
-    if server._own_dir is not None:
-        with contextlib.suppress(OSError):
-            os.rmdir(server._own_dir)
 
 
 # call and list --------------------------------------------------------------

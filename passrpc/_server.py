@@ -174,9 +174,14 @@ def _describe(handlers: dict[str, _Handler]) -> list[dict[str, Any]]:
         params: list[dict[str, Any]] = []
         text = "(...)"
         try:
-            signature = inspect.signature(entry.fn)
-        except (TypeError, ValueError):
-            signature = None
+            # eval_str: show `first: str`, not the string "'str'" that postponed
+            # annotations (from __future__ import annotations) leave behind.
+            signature = inspect.signature(entry.fn, eval_str=True)
+        except Exception:
+            try:
+                signature = inspect.signature(entry.fn)
+            except (TypeError, ValueError):
+                signature = None
         if signature is not None:
             parameters = list(signature.parameters.values())
             if entry.raw and parameters:
@@ -455,6 +460,30 @@ class Server:
                 self.add_handler(name, getattr(self, attr), raw=raw)
             if callable(member) and hasattr(member, "_passrpc_signal"):
                 self.add_signal_handler(member._passrpc_signal, getattr(self, attr))
+
+    def _reconfigure(
+        self,
+        *,
+        socket_path: str | None = None,
+        password: str | bytes | None = None,
+        own_dir: str | None = None,
+    ) -> None:
+        """Point a server that is not running at another socket and password.
+
+        For the command line (``--socket``) and the spawned process (which
+        learns both from its parent); ``own_dir`` is the private directory
+        passrpc made for the socket, removed with it.
+        """
+        if self.started:
+            raise ServerAlreadyStarted(f"{self!r} is running; it cannot change its socket now")
+        if socket_path is not None:
+            path = os.path.abspath(socket_path)
+            _check_path(path)
+            self._socket_path = path
+            self._own_dir = own_dir
+        if password is not None:
+            self._password = password
+            self._key = password_key(password)
 
     # Registration -----------------------------------------------------------
 
@@ -1023,7 +1052,12 @@ class _Loop:
             _serving_sockets.append(self.ready)
         try:
             self._install_signals()
-            server.initialize_server()
+            try:
+                server.initialize_server()
+            except BaseException:
+                self.listener.close()  # nobody will accept: take the socket away now
+                server._remove_files(self.identity)
+                raise
             if self.ready is not None:
                 self.ready.send(_READY, socket.MSG_NOSIGNAL)
             logger.info("passrpc server pid %d listening on %s", os.getpid(), server.socket_path)
@@ -1214,6 +1248,9 @@ class _Loop:
                     send(_MESSAGE, result if type(result) is tuple else (result,))
                 except EncodeError as exc:
                     send(_ERROR, _unsendable(name, exc))
+                # Let go now, not at the next request: received or returned
+                # FileDescriptors close as soon as nobody holds them.
+                payload = args = result = None  # type: ignore[assignment]
         except ConnectionClosed:
             return
 

@@ -14,7 +14,6 @@ import os
 import socket
 import sys
 
-from ._auth import password_key
 from ._server import Server, logger
 from ._target import load_target
 from ._wire import Decoder, Kind
@@ -56,10 +55,11 @@ def main(argv: list[str]) -> None:
     except Exception:
         logger.exception("cannot load the server %r", target)
         os._exit(1)
-    server._password = config["password"]  # type: ignore[assignment]
-    server._key = password_key(server._password)
-    server._socket_path = str(config["socket_path"])
-    server._own_dir = config.get("own_dir")  # type: ignore[assignment]
+    server._reconfigure(
+        socket_path=str(config["socket_path"]),
+        password=config["password"],  # type: ignore[arg-type]
+        own_dir=config.get("own_dir"),  # type: ignore[arg-type]
+    )
     identity = config["identity"]
     server._run_as_child(listener, owner, (int(identity[0]), int(identity[1])))  # type: ignore[index]
 

@@ -43,7 +43,7 @@ def load_target(spec: str) -> Any:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
                 raise TargetError(
                     f"no module named {exc.name!r} (from {spec!r}); check the name and sys.path"
                 ) from exc
