@@ -7,8 +7,10 @@ passed beside them. See README.md and docs/ for the guide.
 
 from __future__ import annotations
 
+from . import aio as aio
 from ._channel import Channel, Peer
 from ._client import Proxy, connect
+from ._collection import ServerCollection
 from ._errors import (
     AuthenticationError,
     ConfigurationError,
@@ -48,6 +50,7 @@ __all__ = [
     "RemoteError",
     "Server",
     "ServerAlreadyStarted",
+    "ServerCollection",
     "ServerNotStarted",
     "StartError",
     "TargetError",
