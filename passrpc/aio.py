@@ -1,0 +1,974 @@
+"""The asyncio client: coroutine proxies over a pool of non-blocking connections.
+
+``proxy = await passrpc.aio.connect(path, password=...)`` (or
+``server.async_proxy()``) gives an :class:`AsyncProxy` whose methods are
+coroutines named after the server's handlers. Many tasks may call at once:
+each call borrows a connection from the proxy's pool (one call in flight per
+connection, idle ones reused, at most ``max_connections`` open; further callers
+wait their turn). A call that is cancelled or times out closes its connection,
+so a late reply can never be read as the answer to a later call.
+
+The frames, the handshake and the requests are exactly the sync client's: this
+module drives the same pure pieces (:class:`~passrpc._wire.Encoder`,
+:class:`~passrpc._wire.Decoder`, :class:`~passrpc._auth.ClientHandshake`) over
+a non-blocking ``AF_UNIX`` socket watched with ``loop.add_reader`` /
+``loop.add_writer``. A connection registers with the loop that uses it and
+moves when another loop uses it, so a proxy is not tied to one event loop (use
+it from one loop at a time, e.g. under successive ``asyncio.run()`` calls).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import keyword
+import os
+import socket
+import weakref
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from ._auth import _RETRY_CONNECT, ClientHandshake, check_uid, default_uids, password_key
+from ._channel import _GONE, _SCM, Peer, _descriptors, peer_of
+from ._client import _signature
+from ._errors import (
+    ConfigurationError,
+    ConnectionClosed,
+    EncodeError,
+    FrameTooLarge,
+    ProtocolError,
+    Timeout,
+)
+from ._server import Server, _describe, _proxy_factories
+from ._wire import DEFAULT_LIMITS, Decoder, Encoder, Kind, Limits, error_from_payload
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "AsyncChannel",
+    "AsyncProxy",
+    "PoolStatistics",
+    "connect",
+]
+
+#: Connections an :class:`AsyncProxy` keeps open at most. The server runs a
+#: thread per connection, so this also bounds the threads one proxy occupies;
+#: 16 keeps a busy client well fed without hogging a server shared with others.
+DEFAULT_MAX_CONNECTIONS = 16
+
+_MESSAGE = int(Kind.MESSAGE)
+_CALL = int(Kind.CALL)
+_ERROR = int(Kind.ERROR)
+_HANDSHAKE = int(Kind.HANDSHAKE)
+_DESCRIBE = int(Kind.DESCRIBE)
+_NOSIGNAL = socket.MSG_NOSIGNAL
+_CLOEXEC = socket.MSG_CMSG_CLOEXEC
+_CTRUNC = socket.MSG_CTRUNC
+
+#: Backoff while a server's listen backlog is full (the kernel offers no event
+#: for "a slot is free"): start small, as the backlog usually drains in
+#: microseconds, and cap it so a waiting client notices a free slot soon.
+_CONNECT_FIRST_DELAY = 0.0005
+_CONNECT_MAX_DELAY = 0.05
+
+_UNSET: Any = object()
+
+
+class _Expired(Exception):
+    """A deadline passed while waiting on a socket; callers turn it into :class:`Timeout`."""
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    # A level-triggered selector may call this again before the waiting task
+    # has run and unregistered: only the first call counts.
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
+
+
+def _readable(ref: weakref.ref[AsyncChannel]) -> None:
+    channel = ref()
+    if channel is not None:
+        channel._on_readable()
+
+
+class _NotDelivered(ConnectionClosed):
+    """The peer was gone before any byte of the frame left: sending it elsewhere is safe."""
+
+
+class AsyncChannel:
+    """One connected Unix socket that carries whole messages and descriptors, for asyncio.
+
+    The coroutine twin of :class:`passrpc.Channel`: ``await write(*values)``
+    sends one message, ``await read()`` returns the next one as a tuple; objects
+    with ``fileno()`` travel as descriptors, received ones come back as
+    :class:`passrpc.FileDescriptor`, and an error frame is raised by ``read()``.
+    You get one from a raw handler's proxy method. Bound a read or write with
+    ``asyncio.wait_for`` or ``asyncio.timeout``: a cancelled read leaves the
+    channel usable (bytes already received stay buffered); a write cancelled
+    after part of its frame went out closes the channel. One task may read
+    while another writes (a second concurrent reader or writer gets
+    ``RuntimeError``); call ``close()`` from the loop's thread.
+
+    Args:
+        sock: a connected ``AF_UNIX`` ``SOCK_STREAM`` socket; the channel owns it
+            and makes it non-blocking.
+        limits: what the peer may send (:class:`passrpc.Limits`).
+    """
+
+    def __init__(self, sock: socket.socket, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._limits = limits
+        self._encoder = Encoder(limits)
+        self._decoder = Decoder(limits)
+        self._ancbufsize = socket.CMSG_SPACE(limits.max_fds * 4) if limits.max_fds else 0
+        self._closed = False
+        self._pid = os.getpid()
+        # One task at a time may send, and one receive: frames must not interleave.
+        self._sending = self._receiving = False
+        # The loop the socket is registered with for reading, and the waiting reader.
+        self._read_loop: asyncio.AbstractEventLoop | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._unattended = 0  # readable events in a row with nobody waiting
+        # (loop, waiter) of a task waiting for room to write.
+        self._writer: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or the channel closed itself after a broken frame)."""
+        return self._closed
+
+    @property
+    def peer(self) -> Peer:
+        """The credentials of the process at the other end (see :class:`passrpc.Peer`)."""
+        return peer_of(self._sock)
+
+    def fileno(self) -> int:
+        """Return the socket's descriptor number."""
+        return self._sock.fileno()
+
+    async def write(self, *values: Any) -> None:
+        """Send one message made of ``values``.
+
+        Raises:
+            EncodeError: a value cannot travel; nothing was sent.
+            FrameTooLarge: the message is over the limit; nothing was sent.
+            ConnectionClosed: the peer has gone, or the channel was closed.
+        """
+        await self._send_payload(_MESSAGE, values, None)
+
+    async def read(self) -> tuple[Any, ...]:
+        """Wait for the next message and return its values as a tuple.
+
+        Raises:
+            ConnectionClosed: the peer closed the connection (or it broke).
+            RemoteError, UnknownMessage, AuthenticationError: the peer sent an
+                error frame instead of a message.
+            ProtocolError: the peer broke the protocol; the channel is closed.
+        """
+        kind, payload = await self._receive(None)
+        if kind == _MESSAGE and type(payload) is list:
+            return tuple(payload)
+        raise self._unexpected(kind, payload)
+
+    def _unexpected(self, kind: int, payload: Any) -> Exception:
+        if kind == _ERROR:
+            return error_from_payload(payload)
+        self.close()
+        return ProtocolError(f"expected a message, the peer sent a frame of kind {kind!r}")
+
+    # Waiting ----------------------------------------------------------------
+    #
+    # Reading: the socket stays registered with the loop between reads, so a
+    # call costs no epoll_ctl pair. The callback wakes the task that waits.
+    # When nobody waits it may be a stale event (the loop polled before the
+    # woken reader ran and drained the socket) or real data nobody will read
+    # soon (an idle connection the server closed, a late reply after a
+    # cancelled read). A level-triggered selector repeats the latter on every
+    # iteration, so a second call in a row with nobody waiting unregisters.
+    # Writing waits only when the send buffer is full, which is rare: it
+    # registers for that one wait.
+
+    def _on_readable(self) -> None:
+        waiter = self._read_waiter
+        if waiter is None:
+            self._unattended += 1
+            if self._unattended > 1:
+                self._stop_reading()
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _stop_reading(self) -> None:
+        loop, self._read_loop = self._read_loop, None
+        if loop is not None and not loop.is_closed():  # a closed loop dropped its selector
+            loop.remove_reader(self._fd)
+
+    async def _wait_readable(self, deadline: float | None) -> None:
+        """Wait until the socket is readable, or raise _Expired at ``deadline``."""
+        if self._closed:
+            raise ConnectionClosed("this channel was closed; open a new connection")
+        loop = asyncio.get_running_loop()
+        if self._read_loop is not loop:
+            self._stop_reading()
+            # A weak reference: a channel nobody holds can be collected (and
+            # its __del__ unregister it) even while it is registered.
+            loop.add_reader(self._fd, _readable, weakref.ref(self))
+            self._read_loop = loop
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._read_waiter = waiter
+        self._unattended = 0
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._read_waiter is waiter:
+                self._read_waiter = None
+
+    async def _wait_writable(self, deadline: float | None) -> None:
+        """Wait until the socket is writable, or raise _Expired at ``deadline``."""
+        if self._closed:
+            raise ConnectionClosed("this channel was closed; open a new connection")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(self._fd, _wake, waiter)
+        self._writer = (loop, waiter)
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._writer is not None and self._writer[1] is waiter:
+                self._stop_writing()
+
+    def _stop_writing(self) -> asyncio.Future[None] | None:
+        """Unregister the waiting writer from its loop; return its waiter."""
+        if self._writer is None:
+            return None
+        (loop, waiter), self._writer = self._writer, None
+        if not loop.is_closed():
+            loop.remove_writer(self._fd)
+        return waiter
+
+    # Sending ----------------------------------------------------------------
+
+    async def _send_payload(self, kind: int, payload: Any, deadline: float | None) -> None:
+        header, body, fds = self._encoder.encode(kind, payload)
+        await self._send(header, body, fds, deadline)
+
+    async def _send(
+        self, header: bytes, body: bytes, fds: list[int], deadline: float | None
+    ) -> None:
+        """Send one encoded frame, its descriptors with the first bytes.
+
+        Raises:
+            _NotDelivered: the peer was gone before any byte left.
+            ConnectionClosed: the peer went away, or the channel was closed.
+            EncodeError: a descriptor is not open; nothing was sent.
+            _Expired: ``deadline`` passed; the channel is closed if part went out.
+        """
+        if self._closed:
+            raise ConnectionClosed("this channel was closed; open a new connection")
+        if self._sending:
+            raise RuntimeError("another task is writing to this channel; write from one at a time")
+        self._sending = True
+        total = len(header) + len(body)
+        sent = 0
+        try:
+            while True:
+                try:
+                    if sent == 0:
+                        ancillary = [(*_SCM, array.array("i", fds))] if fds else []
+                        sent = self._sock.sendmsg([header, body], ancillary, _NOSIGNAL)
+                    elif sent < len(header):
+                        sent += self._sock.sendmsg([header[sent:], body], [], _NOSIGNAL)
+                    else:
+                        rest = memoryview(body)[sent - len(header) :]
+                        sent += self._sock.sendmsg([rest], [], _NOSIGNAL)
+                except BlockingIOError:
+                    await self._wait_writable(deadline)
+                    continue
+                except OSError as exc:
+                    if sent == 0 and fds and exc.errno == errno.EBADF and not self._closed:
+                        raise EncodeError(
+                            f"a descriptor in the message ({fds}) is not open; nothing was sent"
+                        ) from exc
+                    raise self._error(exc, "sending", delivered=sent > 0) from exc
+                if sent >= total:
+                    return
+                await self._wait_writable(deadline)  # the send buffer is full: wait for room
+        except BaseException:
+            if 0 < sent < total:
+                self.close()  # half a frame is out: the stream is unusable
+            raise
+        finally:
+            self._sending = False
+
+    # Receiving --------------------------------------------------------------
+
+    async def _receive(
+        self, deadline: float | None, *, wait_first: bool = False
+    ) -> tuple[int, Any]:
+        """Return the next frame as ``(kind, payload)``.
+
+        ``wait_first`` skips the first read attempt when nothing can be there
+        yet (right after sending a request), saving a system call.
+        """
+        if self._receiving:
+            raise RuntimeError("another task is reading from this channel; read from one at a time")
+        self._receiving = True
+        decoder = self._decoder
+        try:
+            frame = decoder.next_frame()
+            ready = not wait_first
+            while frame is None:
+                ready = await self._fill(deadline, ready)
+                frame = decoder.next_frame()
+        except ProtocolError:
+            self.close()
+            raise
+        finally:
+            self._receiving = False
+        return frame
+
+    async def _fill(self, deadline: float | None, ready: bool) -> bool:
+        """Read once into the decoder; return whether more may be waiting already."""
+        buffer = self._decoder.get_buffer()
+        while True:
+            if not ready:
+                await self._wait_readable(deadline)
+            if self._closed:
+                raise ConnectionClosed("this channel was closed; open a new connection")
+            try:
+                nbytes, ancillary, flags, _ = self._sock.recvmsg_into(
+                    [buffer], self._ancbufsize, _CLOEXEC
+                )
+                break
+            except BlockingIOError:
+                ready = False
+            except OSError as exc:
+                raise self._error(exc, "receiving", delivered=True) from exc
+        fds = _descriptors(ancillary) if ancillary else []
+        if flags & _CTRUNC:
+            for fd in fds:
+                fd.close()
+            raise FrameTooLarge(
+                "the peer sent more descriptors with one message than this side's limit of "
+                f"{self._limits.max_fds}; they were closed: raise Limits.max_fds, or send fewer"
+            )
+        if not nbytes:
+            for fd in fds:
+                fd.close()
+            where = " in the middle of a message" if self._decoder.pending else ""
+            raise ConnectionClosed(f"the peer closed the connection{where}")
+        self._decoder.buffer_updated(nbytes, fds)
+        return nbytes == len(buffer)
+
+    def _error(self, exc: OSError, doing: str, *, delivered: bool) -> ConnectionClosed:
+        if self._closed:
+            return ConnectionClosed("this channel was closed; open a new connection")
+        if exc.errno in _GONE:
+            cls = ConnectionClosed if delivered else _NotDelivered
+            return cls(f"the peer closed the connection ({exc.strerror})")
+        return ConnectionClosed(f"{doing} failed: {exc}; the connection is unusable")
+
+    # Closing ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket and every received descriptor nobody claimed; idempotent.
+
+        A task waiting on the channel gets :class:`passrpc.ConnectionClosed`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # Unregister before closing: the selector must not keep a number that
+        # the next socket opened may get.
+        self._stop_reading()
+        reader, self._read_waiter = self._read_waiter, None
+        for waiter in (reader, self._stop_writing()):
+            if waiter is not None and not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_exception(
+                    ConnectionClosed("the connection was closed while a task waited on it")
+                )
+        self._decoder.close()
+        self._sock.close()
+
+    def _abandon(self) -> None:
+        """Close this process's copy after a fork, leaving the (shared) selector alone."""
+        self._closed = True
+        self._read_loop = self._read_waiter = self._writer = None
+        self._decoder.close()
+        self._sock.close()
+
+    async def aclose(self) -> None:
+        """Close the channel (the same as :meth:`close`, for ``async with`` symmetry)."""
+        self.close()
+
+    async def __aenter__(self) -> AsyncChannel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Unreachable means no task waits on it. Unregister from the loop unless
+        # this is a forked child's copy (the selector is shared with the parent).
+        if getattr(self, "_closed", True):
+            return
+        if self._pid == os.getpid():
+            self._stop_reading()
+        self._abandon()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd}"
+        return f"<passrpc.aio.AsyncChannel {state}>"
+
+
+async def _open(path: str, key: bytes, limits: Limits, deadline: float | None) -> AsyncChannel:
+    """Connect to ``path`` and authenticate, all before ``deadline``.
+
+    Raises:
+        ConnectionClosed: nobody listens at ``path``.
+        AuthenticationError: wrong password, or a server of another user.
+        Timeout: the listen backlog stayed full until the deadline.
+        _Expired: the handshake did not finish before the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    delay = _CONNECT_FIRST_DELAY
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)  # a full backlog answers EAGAIN instead of blocking
+            sock.connect(path)
+            break
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in _RETRY_CONNECT:
+                raise ConnectionClosed(
+                    f"cannot connect to the passrpc server at {path!r}: {exc.strerror}; "
+                    "is it running, and is this its socket path?"
+                ) from exc
+            if deadline is not None and loop.time() + delay > deadline:
+                raise Timeout(
+                    f"the server at {path!r} kept its listen backlog full until the timeout"
+                ) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _CONNECT_MAX_DELAY)
+    channel = AsyncChannel(sock, limits=limits)
+    try:
+        check_uid(channel.peer, default_uids(), "server")
+        steps = ClientHandshake(key)
+        await channel._send_payload(_HANDSHAKE, steps.hello(), deadline)
+        kind, payload = await channel._receive(deadline, wait_first=True)
+        if kind == _ERROR:
+            raise error_from_payload(payload)
+        if kind != _HANDSHAKE:
+            raise ProtocolError(f"handshake: expected a handshake frame, got kind {kind!r}")
+        # The client may send its first request right behind its proof.
+        await channel._send_payload(_HANDSHAKE, steps.answer(payload), deadline)
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
+# The pool -------------------------------------------------------------------
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of an :class:`AsyncProxy`'s connection pool (:meth:`AsyncProxy.statistics`).
+
+    ``connections`` are open now, ``idle`` of them wait for a call,
+    ``calls_in_flight`` calls hold a connection (or are opening one), and
+    ``waiting`` callers wait for one to come free; ``max_connections`` is the cap.
+    """
+
+    connections: int
+    idle: int
+    calls_in_flight: int
+    waiting: int
+    max_connections: int
+
+
+class _Pool:
+    """Connections of one proxy: idle ones to reuse, a cap, and a queue of waiting callers.
+
+    A *slot* is the right to hold one connection; ``slots`` counts those
+    taken. A caller takes a slot, reuses an idle connection or opens one, and
+    gives the slot back (with the connection, if it is still good). A freed
+    slot goes straight to the longest-waiting caller, so nobody barges ahead.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.idle: list[AsyncChannel] = []
+        self.channels: set[AsyncChannel] = set()
+        self.slots = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.closed = False
+        self.pid = os.getpid()
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ConnectionClosed("this proxy was closed; make a new one")
+        if os.getpid() != self.pid:
+            # A forked child: the connections are its parent's, and so is the
+            # selector they may be registered with. Drop our copies quietly.
+            for channel in self.channels:
+                channel._abandon()
+            self.idle.clear()
+            self.channels.clear()
+            self.waiters.clear()
+            self.slots = 0
+            self.pid = os.getpid()
+
+    async def acquire(self, deadline: float | None) -> AsyncChannel | None:
+        """Take a slot, waiting for one if all are taken; return an idle connection or None.
+
+        Raises:
+            _Expired: no slot came free before ``deadline``.
+            ConnectionClosed: the proxy was closed.
+        """
+        self._check()
+        if self.slots < self.cap and not self.waiters:
+            self.slots += 1
+            return self.idle.pop() if self.idle else None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self.waiters.append(waiter)
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release(None)  # a slot was handed over as we gave up: pass it on
+            else:
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return self.idle.pop() if self.idle else None
+
+    def add(self, channel: AsyncChannel) -> None:
+        """Track a connection just opened (by a caller holding a slot)."""
+        self.channels.add(channel)
+
+    def release(self, channel: AsyncChannel | None) -> None:
+        """Give a slot back, with its connection to reuse if it is still good."""
+        if channel is not None:
+            if channel.closed or self.closed:
+                self.discard(channel)
+            else:
+                self.idle.append(channel)
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to this caller as it is
+                return
+        self.slots -= 1
+
+    def discard(self, channel: AsyncChannel) -> None:
+        """Close a connection that must not carry another call."""
+        channel.close()
+        self.channels.discard(channel)
+
+    def close(self) -> None:
+        self.closed = True
+        channels, self.channels = self.channels, set()
+        self.idle.clear()
+        for channel in channels:
+            channel.close()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_exception(
+                    ConnectionClosed("the proxy was closed while this call waited")
+                )
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            connections=len(self.channels),
+            idle=len(self.idle),
+            calls_in_flight=self.slots,
+            waiting=sum(not w.done() for w in self.waiters),
+            max_connections=self.cap,
+        )
+
+
+# The proxy ------------------------------------------------------------------
+
+
+class AsyncProxy:
+    """Calls a server's handlers as coroutines: ``await proxy.hello("Joe", "Dalton")``.
+
+    Each handler is a coroutine method with the handler's name, signature and
+    docstring; ``dir(proxy)`` lists them, and an unknown name raises
+    ``AttributeError`` before any I/O. A call returns the handler's single
+    value, or a tuple when it returned several; a handler's exception is
+    raised as :class:`passrpc.RemoteError`. Any number of tasks may call at
+    once: each call holds one pooled connection (at most ``max_connections``
+    open, idle ones reused, further callers wait their turn). A call that is
+    cancelled, or outlives ``timeout`` (:class:`passrpc.Timeout`), closes its
+    connection; a server that dies mid-call raises
+    :class:`passrpc.ConnectionClosed` at once; an idle connection the server
+    closed is replaced, and a call that may have run is never sent twice.
+    Handlers whose names clash with the proxy's own attributes, or are not
+    identifiers, are reached through :meth:`call`. A raw handler's method
+    opens a new connection, sends the first message and returns that
+    :class:`AsyncChannel` for you to converse on and close.
+
+    Use it from one event loop at a time; close it with ``close()``,
+    ``await proxy.aclose()`` or ``async with``.
+
+    Args:
+        socket_path: the server's socket.
+        password: the server's password.
+        timeout: seconds that bound each call as a whole (waiting for a free
+            connection, connecting, sending, the reply); None waits forever.
+        limits: what the server may send (:class:`passrpc.Limits`).
+        max_connections: connections kept open at most.
+    """
+
+    _handler_info: dict[str, dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        password: str | bytes,
+        *,
+        timeout: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise ConfigurationError(
+                f"max_connections must be an int of at least 1, got {max_connections!r}"
+            )
+        self._path = os.fspath(socket_path)
+        self._key = password_key(password)
+        self._timeout = timeout
+        self._limits = limits
+        # Encoding is synchronous and happens before a connection is taken, so
+        # one encoder serves every task of the loop.
+        self._encoder = Encoder(limits)
+        self._pool = _Pool(max_connections)
+
+    @property
+    def handlers(self) -> tuple[str, ...]:
+        """The names of the server's handlers."""
+        return tuple(self._handler_info)
+
+    def statistics(self) -> PoolStatistics:
+        """Return a snapshot of the connection pool (see :class:`PoolStatistics`)."""
+        return self._pool.statistics()
+
+    async def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call handler ``name`` with the arguments given; the generic form of the methods.
+
+        For a raw handler it returns the :class:`AsyncChannel`, as its method does.
+        """
+        if self._is_raw(name):
+            return await self._open_raw(name, args, kwargs)
+        return await self._call(name, args, kwargs)
+
+    def _is_raw(self, name: str) -> bool:
+        info = self._handler_info.get(name)
+        return info is not None and bool(info.get("raw"))
+
+    def _encode(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bytes, bytes, list[int]]:
+        if kwargs:
+            return self._encoder.encode(_CALL, (name, args, kwargs))
+        return self._encoder.encode(_MESSAGE, (name, *args))
+
+    async def _connect(self, deadline: float | None) -> AsyncChannel:
+        channel = await _open(self._path, self._key, self._limits, deadline)
+        self._pool.add(channel)
+        return channel
+
+    async def _call(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = _UNSET
+    ) -> Any:
+        if timeout is _UNSET:
+            timeout = self._timeout
+        header, body, fds = self._encode(name, args, kwargs)  # fails before any I/O
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        pool = self._pool
+        try:
+            channel = await pool.acquire(deadline)
+        except _Expired:
+            raise Timeout(
+                f"calling {name!r}: no connection came free within the timeout of {timeout} s "
+                f"(all {pool.cap} in use); raise the timeout or max_connections"
+            ) from None
+        reused = channel is not None
+        try:
+            if channel is None:
+                channel = await self._connect(deadline)
+            try:
+                await channel._send(header, body, fds, deadline)
+            except _NotDelivered:
+                if not reused:
+                    raise
+                # The server closed this idle connection and the send failed at
+                # once: the call was never delivered, so a fresh connection may
+                # carry it (once; a call that may have run is never resent).
+                pool.discard(channel)
+                channel = None
+                channel = await self._connect(deadline)
+                await channel._send(header, body, fds, deadline)
+            kind, reply = await channel._receive(deadline, wait_first=True)
+        except BaseException as exc:
+            # Cancelled, timed out or broken: whatever is left on this
+            # connection (a late reply) must never answer another call.
+            if channel is not None:
+                pool.discard(channel)
+            pool.release(None)
+            if isinstance(exc, _Expired):
+                raise Timeout(
+                    f"calling {name!r} took longer than the timeout of {timeout} s; its "
+                    "connection was closed, so a late reply cannot answer another call"
+                ) from None
+            raise
+        return self._reply(pool, channel, kind, reply)
+
+    def _reply(self, pool: _Pool, channel: AsyncChannel, kind: int, reply: Any) -> Any:
+        if kind == _MESSAGE and type(reply) is list:
+            pool.release(channel)
+            return reply[0] if len(reply) == 1 else tuple(reply)
+        if kind == _ERROR:
+            pool.release(channel)  # the call failed, the connection is fine
+            raise error_from_payload(reply)
+        pool.discard(channel)
+        pool.release(None)
+        raise ProtocolError(f"expected a reply, the server sent a frame of kind {kind!r}")
+
+    async def _open_raw(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = _UNSET
+    ) -> AsyncChannel:
+        if timeout is _UNSET:
+            timeout = self._timeout
+        header, body, fds = self._encode(name, args, kwargs)
+        if self._pool.closed:
+            raise ConnectionClosed("this proxy was closed; make a new one")
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        try:
+            channel = await _open(self._path, self._key, self._limits, deadline)
+            try:
+                await channel._send(header, body, fds, deadline)
+            except BaseException:
+                channel.close()
+                raise
+        except _Expired:
+            raise Timeout(
+                f"opening a connection for raw handler {name!r} took longer than {timeout} s"
+            ) from None
+        return channel
+
+    def with_timeout(self, timeout: float | None) -> _TimedAsyncProxy:
+        """Return a view of this proxy whose calls are bounded by ``timeout`` seconds.
+
+        ``await proxy.with_timeout(10).hello("Joe")``: the view shares the
+        proxy's pool; a call past its bound raises :class:`passrpc.Timeout`
+        (a ``TimeoutError``) and discards its connection.
+        """
+        return _TimedAsyncProxy(self, timeout)
+
+    def close(self) -> None:
+        """Close every connection; calls in flight and later calls raise ConnectionClosed.
+
+        Call it from the event loop's thread (or when no loop runs).
+        """
+        self._pool.close()
+
+    async def aclose(self) -> None:
+        """Close the proxy (the same as :meth:`close`, for ``async with`` symmetry)."""
+        self.close()
+
+    async def __aenter__(self) -> AsyncProxy:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._handler_info:
+            raise AttributeError(
+                f"handler {name!r} clashes with a proxy attribute; use proxy.call({name!r}, ...)"
+            )
+        raise AttributeError(
+            f"the server at {self._path!r} has no handler {name!r}; it has: {sorted(self._handler_info)}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<passrpc.aio.AsyncProxy {self._path!r} handlers={sorted(self._handler_info)}>"
+
+
+class _TimedAsyncProxy:
+    """A proxy's methods with another time bound (see :meth:`AsyncProxy.with_timeout`)."""
+
+    def __init__(self, proxy: AsyncProxy, timeout: float | None) -> None:
+        self._proxy = proxy
+        self._timeout = timeout
+
+    async def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        if self._proxy._is_raw(name):
+            return await self._proxy._open_raw(name, args, kwargs, self._timeout)
+        return await self._proxy._call(name, args, kwargs, self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        info = self._proxy._handler_info.get(name)
+        if info is None or name not in type(self._proxy).__dict__:
+            return getattr(self._proxy, name)
+        proxy, timeout = self._proxy, self._timeout
+        if info.get("raw"):
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return await proxy._open_raw(name, args, kwargs, timeout)
+
+        else:
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return await proxy._call(name, args, kwargs, timeout)
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = info.get("doc") or None
+        return call
+
+    def __dir__(self) -> list[str]:
+        return dir(self._proxy)
+
+
+_RESERVED = frozenset(dir(AsyncProxy)) | {"handlers"}
+
+
+def _method(name: str, info: dict[str, Any]) -> Callable[..., Any]:
+    if info.get("raw"):
+
+        async def method(self: AsyncProxy, *args: Any, **kwargs: Any) -> Any:
+            return await self._open_raw(name, args, kwargs)
+
+    else:
+
+        async def method(self: AsyncProxy, *args: Any, **kwargs: Any) -> Any:
+            return await self._call(name, args, kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = info.get("doc") or None
+    signature = _signature(info)
+    if signature is not None:
+        method.__signature__ = signature  # type: ignore[attr-defined]
+    return method
+
+
+def async_proxy_class(described: list[dict[str, Any]]) -> type[AsyncProxy]:
+    """Make an :class:`AsyncProxy` subclass with one coroutine method per described handler.
+
+    Raises:
+        ProtocolError: an entry of ``described`` is not a handler description.
+    """
+    namespace: dict[str, Any] = {"_handler_info": {}}
+    for info in described:
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+            raise ProtocolError(f"the server described a handler as {info!r:.100}")
+        name = info["name"]
+        namespace["_handler_info"][name] = info
+        if name.isidentifier() and not keyword.iskeyword(name) and name not in _RESERVED:
+            namespace[name] = _method(name, info)
+    return type("AsyncProxy", (AsyncProxy,), namespace)
+
+
+async def connect(
+    socket_path: str | os.PathLike[str],
+    *,
+    password: str | bytes,
+    timeout: float | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> AsyncProxy:
+    """Connect to a passrpc server and return an asyncio proxy of its handlers.
+
+    The proxy learns the handlers (names, signatures, docstrings) from the
+    server itself, so this works in a process that has no :class:`passrpc.Server`.
+    The connection opened here becomes the pool's first.
+
+    Args:
+        socket_path: the server's socket.
+        password: the server's password.
+        timeout: seconds that bound connecting and then each call; None waits
+            forever.
+        limits: what the server may send.
+        max_connections: connections the proxy keeps open at most.
+
+    Raises:
+        ConnectionClosed: nobody listens at ``socket_path``.
+        AuthenticationError: wrong password, or a server of another user.
+        Timeout: the server did not answer in time.
+    """
+    path = os.fspath(socket_path)
+    key = password_key(password)
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    try:
+        channel = await _open(path, key, limits, deadline)
+        try:
+            await channel._send_payload(_DESCRIBE, None, deadline)
+            kind, described = await channel._receive(deadline, wait_first=True)
+            if kind == _ERROR:
+                raise error_from_payload(described)
+            if kind != _DESCRIBE or not isinstance(described, list):
+                raise ProtocolError(
+                    f"the server answered introspection with a frame of kind {kind!r}"
+                )
+            proxy = async_proxy_class(described)(
+                path, password, timeout=timeout, limits=limits, max_connections=max_connections
+            )
+        except BaseException:
+            channel.close()
+            raise
+    except _Expired:
+        raise Timeout(
+            f"the server at {path!r} did not answer within the timeout of {timeout} s"
+        ) from None
+    pool = proxy._pool
+    pool.add(channel)
+    pool.idle.append(channel)
+    return proxy
+
+
+def _server_proxy(server: Server, *, timeout: float | None = None) -> AsyncProxy:
+    cls = async_proxy_class(_describe(server._handlers))
+    return cls(server.socket_path, server.password, timeout=timeout, limits=server._limits)
+
+
+_proxy_factories["async"] = _server_proxy
