@@ -6,8 +6,8 @@ differs by direction so one side's proof can never be replayed as the other's:
 
 1. client -> server  HANDSHAKE {"step": "hello", "version": V, "challenge": C}
 2. server -> client  HANDSHAKE {"step": "challenge", "version": V, "challenge": S,
-                                "proof": HMAC(key, "passrpc server" | C | S)}
-3. client -> server  HANDSHAKE {"step": "proof", "proof": HMAC(key, "passrpc client" | S | C)}
+                                "proof": HMAC(key, b"passrpc server\0" + C + S)}
+3. client -> server  HANDSHAKE {"step": "proof", "proof": HMAC(key, b"passrpc client\0" + S + C)}
 
 The client checks the server's proof before it sends its own, so a wrong
 password (or a stranger's socket) fails on the client at once, and the client
@@ -48,7 +48,8 @@ _SERVER_LABEL = b"passrpc server\x00"
 _CLIENT_LABEL = b"passrpc client\x00"
 _HANDSHAKE = int(Kind.HANDSHAKE)
 
-#: Seconds a client may take over the whole handshake before the server drops it.
+#: Seconds a client may take over the whole handshake before the server drops it:
+#: ample for a local peer, short enough that silent clients cannot pile up.
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 
 
@@ -156,30 +157,44 @@ def default_uids() -> frozenset[int]:
     return frozenset({os.getuid(), 0})
 
 
-def _expect_handshake(channel: Channel) -> Any:
+def _expect_handshake(channel: Channel, deadline: float | None = None, *, from_server: bool) -> Any:
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout("the handshake took longer than its time bound")
+        channel.timeout = left
     kind, payload = channel._receive()
-    if kind == Kind.ERROR:
+    if kind == Kind.ERROR and from_server:
         raise error_from_payload(payload)
     if kind != _HANDSHAKE:
         raise ProtocolError(f"handshake: expected a handshake frame, got kind {kind!r}")
     return payload
 
 
-def server_handshake(channel: Channel, key: bytes, allowed_uids: Collection[int]) -> Peer:
+def server_handshake(
+    channel: Channel,
+    key: bytes,
+    allowed_uids: Collection[int],
+    timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> Peer:
     """Run the server's side on a freshly accepted channel and return the peer.
 
-    On refusal the client gets an ERROR frame saying why (as far as that
-    does not help an attacker) before the exception reaches the caller.
+    ``timeout`` bounds the whole handshake, however slowly the client
+    trickles its bytes in. On refusal the client gets an ERROR frame saying
+    why (as far as that does not help an attacker) before the exception
+    reaches the caller.
 
     Raises:
         AuthenticationError, ProtocolError, ConnectionClosed, Timeout.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
     peer = channel.peer
     try:
         check_uid(peer, allowed_uids, "client")
         steps = ServerHandshake(key)
-        channel._send(_HANDSHAKE, steps.challenge(_expect_handshake(channel)))
-        steps.verify(_expect_handshake(channel))
+        hello = _expect_handshake(channel, deadline, from_server=False)
+        channel._send(_HANDSHAKE, steps.challenge(hello))
+        steps.verify(_expect_handshake(channel, deadline, from_server=False))
     except AuthenticationError as exc:
         try:
             channel._send(
@@ -196,6 +211,9 @@ def client_handshake(
 ) -> Peer:
     """Run the client's side on a freshly connected channel and return the server's credentials.
 
+    ``allowed_uids`` are the uids the server may run as; None means ours
+    or root.
+
     Raises:
         AuthenticationError, ProtocolError, ConnectionClosed, Timeout.
     """
@@ -203,7 +221,7 @@ def client_handshake(
     check_uid(peer, default_uids() if allowed_uids is None else allowed_uids, "server")
     steps = ClientHandshake(key)
     channel._send(_HANDSHAKE, steps.hello())
-    channel._send(_HANDSHAKE, steps.answer(_expect_handshake(channel)))
+    channel._send(_HANDSHAKE, steps.answer(_expect_handshake(channel, from_server=True)))
     return peer
 
 
@@ -218,11 +236,13 @@ def open_channel(
     *,
     timeout: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    server_uids: Collection[int] | None = None,
 ) -> Channel:
     """Connect to the server at ``path``, authenticate, and return the channel.
 
     ``timeout`` bounds connecting and the handshake together, and is then
-    left on the channel for every later read and write.
+    left on the channel for every later read and write. ``server_uids`` are
+    the uids the server may run as (None: ours or root).
 
     Raises:
         ConnectionClosed: nobody listens at ``path`` (the cause says why).
@@ -254,7 +274,7 @@ def open_channel(
     try:
         if deadline is not None:
             channel.timeout = max(deadline - time.monotonic(), 0.001)
-        client_handshake(channel, key)
+        client_handshake(channel, key, server_uids)
         channel.timeout = timeout
     except BaseException:
         channel.close()

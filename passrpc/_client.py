@@ -7,7 +7,7 @@ import keyword
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import Any
 
@@ -74,8 +74,10 @@ class Proxy:
         *,
         timeout: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        server_uids: Collection[int] | None = None,
     ) -> None:
         self._path = socket_path
+        self._server_uids = server_uids
         self._key = password_key(password)
         self._timeout = timeout
         self._limits = limits
@@ -102,7 +104,13 @@ class Proxy:
         return self._adopt(self._open())
 
     def _open(self) -> Channel:
-        return open_channel(self._path, self._key, timeout=self._timeout, limits=self._limits)
+        return open_channel(
+            self._path,
+            self._key,
+            timeout=self._timeout,
+            limits=self._limits,
+            server_uids=self._server_uids,
+        )
 
     def _adopt(self, channel: Channel) -> Channel:
         connection = _Connection(channel)
@@ -300,6 +308,7 @@ def connect(
     password: str | bytes,
     timeout: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    server_uids: Collection[int] | None = None,
 ) -> Proxy:
     """Connect to a passrpc server and return a proxy of its handlers.
 
@@ -311,6 +320,9 @@ def connect(
         password: the server's password.
         timeout: seconds that bound connecting and then every call; None
             waits forever.
+        limits: what the server may send (:class:`Limits`).
+        server_uids: the uids the server may run as; None means this
+            process's own uid or root, so a stranger's socket is refused.
 
     Raises:
         ConnectionClosed: nobody listens at ``socket_path``.
@@ -319,13 +331,15 @@ def connect(
     """
     path = os.fspath(socket_path)
     key = password_key(password)
-    channel = open_channel(path, key, timeout=timeout, limits=limits)
+    channel = open_channel(path, key, timeout=timeout, limits=limits, server_uids=server_uids)
     try:
         channel._send(_DESCRIBE, None)
         kind, described = channel._receive()
         if kind != _DESCRIBE or not isinstance(described, list):
             raise ProtocolError(f"the server answered introspection with a frame of kind {kind!r}")
-        proxy = proxy_class(described)(path, password, timeout=timeout, limits=limits)
+        proxy = proxy_class(described)(
+            path, password, timeout=timeout, limits=limits, server_uids=server_uids
+        )
     except BaseException:
         channel.close()
         raise

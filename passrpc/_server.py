@@ -32,7 +32,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterable
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import attrs
 
@@ -49,6 +49,7 @@ from ._errors import (
     ConfigurationError,
     ConnectionClosed,
     EncodeError,
+    FrameTooLarge,
     ProtocolError,
     ServerAlreadyStarted,
     ServerNotStarted,
@@ -123,13 +124,21 @@ class _Handler:
     raw: bool
 
 
-def handler(name: str | None = None, *, raw: bool = False) -> Callable[[F], F]:
+@overload
+def handler(name: F, *, raw: bool = False) -> F: ...
+@overload
+def handler(name: str | None = None, *, raw: bool = False) -> Callable[[F], F]: ...
+def handler(name: Any = None, *, raw: bool = False) -> Any:
     """Mark a method of a :class:`Server` subclass as the handler of message ``name``.
 
-    ``name`` defaults to the method's name. With ``raw=True`` the method gets
-    the :class:`Channel` after ``self`` and converses itself. The method is
+    ``name`` defaults to the method's name (``@passrpc.handler`` without
+    parentheses works too). With ``raw=True`` the method gets the
+    :class:`Channel` after ``self`` and converses itself. The method is
     returned unchanged.
     """
+    if callable(name):
+        name._passrpc_handler = (name.__name__, raw)
+        return name
 
     def mark(fn: F) -> F:
         fn._passrpc_handler = (name or fn.__name__, raw)  # type: ignore[attr-defined]
@@ -214,64 +223,96 @@ class _Process:
     pid: int
     owner: socket.socket  # this process's reference: closing it lets go
     starter: int  # pid of the process that started it, the only one that can reap it
+    path: str
     identity: tuple[int, int]  # (st_dev, st_ino) of the socket file it listens on
+    own_dir: str | None  # the private directory made for the socket, if any
     popen: subprocess.Popen[bytes] | None = None
     exit_status: int | None = None
+    # A pidfd turns readable when the server exits, for any process that holds
+    # it: forks of the starter inherit it, and can wait for the end without
+    # being able to reap it.
+    pidfd: int | None = attrs.field(default=None)
 
-    def reap(self, block: bool = False) -> bool:
-        """Collect the exit status if this process is the starter; True once the child is gone."""
+    def __attrs_post_init__(self) -> None:
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # Linux < 5.3, or already reaped
+            self.pidfd = None
+
+    def exited(self) -> bool:
+        """True once the server process has ended; the starter reaps it and its files."""
         if self.exit_status is not None:
             return True
         if os.getpid() != self.starter:
+            if self.pidfd is not None:
+                return bool(select.select([self.pidfd], [], [], 0)[0])
             return _pid_gone(self.pid)
         if self.popen is not None:
-            status = self.popen.wait() if block else self.popen.poll()
-            if status is None:
-                return False
-            self.exit_status = status
-            return True
-        try:
-            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            self.exit_status = -1
-            return True
-        if pid == 0:
+            status = self.popen.poll()
+        else:
+            try:
+                pid, raw = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, raw = self.pid, 0
+            status = os.waitstatus_to_exitcode(raw) if pid else None
+        if status is None:
             return False
-        self.exit_status = os.waitstatus_to_exitcode(status)
+        self.exit_status = status
+        # A server that died without its own cleanup (a signal, SIGKILL)
+        # leaves its socket file: the starter takes it away once it knows.
+        self.remove_files()
+        self.close_pidfd()
         return True
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the process to end; True if it did."""
-        if self.reap():
-            return True
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):
-            pidfd = None
-        try:
-            deadline = time.monotonic() + timeout
-            while not self.reap():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                if pidfd is not None:
-                    select.select([pidfd], [], [], left)
-                else:
-                    time.sleep(min(left, 0.01))
-            return True
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
+        """Wait up to ``timeout`` seconds for the server process to end; True if it did."""
+        deadline = time.monotonic() + timeout
+        while not self.exited():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.pidfd is not None:
+                select.select([self.pidfd], [], [], left)
+            else:
+                time.sleep(min(left, 0.01))
+        return True
+
+    def remove_files(self) -> None:
+        _unlink_if_ours(self.path, self.identity)
+        if self.own_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.own_dir)
+
+    def kill(self) -> None:
+        """SIGKILL the server; through the pidfd where there is one, so never a reused pid."""
+        with contextlib.suppress(ProcessLookupError, OSError):
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            elif not self.exited():
+                os.kill(self.pid, signal.SIGKILL)
+
+    def close_pidfd(self) -> None:
+        fd, self.pidfd = self.pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Let go of this process's reference, without stopping the server."""
+        self.owner.close()
+        if os.getpid() != self.starter:
+            self.close_pidfd()
+        elif not self.exited():
+            with _unreaped_lock:
+                _unreaped.append(self)
 
 
 def _pid_gone(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie (for kernels without pidfd)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
         return True
-    except PermissionError:
-        return False
-    return False
 
 
 # Started servers this process let go of (close()) while they still ran; the
@@ -282,31 +323,46 @@ _unreaped_lock = threading.Lock()
 
 def _reap_unreaped() -> None:
     with _unreaped_lock:
-        _unreaped[:] = [p for p in _unreaped if os.getpid() == p.starter and not p.reap()]
+        _unreaped[:] = [p for p in _unreaped if os.getpid() == p.starter and not p.exited()]
 
 
 def _release(process: _Process) -> None:
-    """Let go of a started server without stopping it (weakref.finalize target)."""
-    process.owner.close()
-    if os.getpid() == process.starter and not process.reap():
-        with _unreaped_lock:
-            _unreaped.append(process)
+    """weakref.finalize target: a Server collected while started lets go of it."""
+    process.release()
 
 
 # Descriptors a server process must not hand down to processes its handlers
-# fork (see _forget_in_forked_child): a worker holding the listener or the
-# owner socket would keep the server's lifeline and socket alive.
-_serving_sockets: list[socket.socket] = []
+# fork (see _forget_in_forked_child): a worker holding the listener, the owner
+# socket or another client's connection would keep them open after the
+# server closed them, and that client would never see the end of its stream.
+_serving_sockets: set[socket.socket] = set()
 
 
 def _forget_in_forked_child() -> None:
-    for sock in _serving_sockets:
+    # No lock here: the fork may have happened while another thread held it.
+    for sock in list(_serving_sockets):
         with contextlib.suppress(OSError):
             sock.close()
     _serving_sockets.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_forked_child)
+
+
+def _logging_fds() -> set[int]:
+    """Descriptors that configured logging handlers write to: a server keeps them.
+
+    Without this a ``logging.FileHandler`` set up before ``start()`` would
+    write to /dev/null in the server process.
+    """
+    loggers: list[Any] = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    fds = set()
+    for log in loggers:
+        for log_handler in getattr(log, "handlers", ()):
+            for name in ("stream", "sock", "socket"):
+                with contextlib.suppress(Exception):
+                    fds.add(int(getattr(log_handler, name).fileno()))
+    return fds
 
 
 def _child_hygiene(keep: set[int]) -> None:
@@ -398,7 +454,9 @@ class Server:
         password: the shared secret; None generates one with ``secrets``.
         max_idle_time: seconds a :class:`ServerCollection` keeps this server
             unused; None or 0 for never.
-        allow_uids: uids allowed to connect besides the server's own and root.
+        allow_uids: uids allowed to connect besides the server's own and root;
+            give them a ``socket_mode`` that lets them reach the socket too.
+        socket_mode: the socket file's permission bits (0600: only this user).
         keep_fds: descriptor numbers the server process keeps open besides
             stdin, stdout, stderr and its own sockets.
         limits: what clients may send (:class:`Limits`).
@@ -417,6 +475,7 @@ class Server:
         *,
         max_idle_time: float | None = None,
         allow_uids: Iterable[int] = (),
+        socket_mode: int = 0o600,
         keep_fds: Iterable[int] = (),
         limits: Limits = DEFAULT_LIMITS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -438,6 +497,7 @@ class Server:
         #: When a :class:`ServerCollection` may stop this server (its clock); None for never.
         self.next_cleaning_time: float | None = None
         self._allowed_uids = default_uids() | frozenset(allow_uids)
+        self._socket_mode = socket_mode
         self._keep_fds = frozenset(keep_fds)
         self._limits = limits
         self._handshake_timeout = handshake_timeout
@@ -513,11 +573,19 @@ class Server:
             )
         self._handlers[name] = _Handler(name, fn, raw)
 
-    def handler(self, name: str | None = None, *, raw: bool = False) -> Callable[[F], F]:
+    @overload
+    def handler(self, name: F, *, raw: bool = False) -> F: ...
+    @overload
+    def handler(self, name: str | None = None, *, raw: bool = False) -> Callable[[F], F]: ...
+    def handler(self, name: Any = None, *, raw: bool = False) -> Any:
         """Decorator form of :meth:`add_handler`; the function is returned unchanged.
 
-        ``name`` defaults to the function's name.
+        ``name`` defaults to the function's name; ``@server.handler`` without
+        parentheses works too.
         """
+        if callable(name):
+            self.add_handler(name.__name__, name, raw=raw)
+            return name
 
         def register(fn: F) -> F:
             self.add_handler(name or fn.__name__, fn, raw=raw)
@@ -620,7 +688,7 @@ class Server:
         process = self._process
         if process is None:
             return self._loop is not None
-        return not process.reap()
+        return not process.exited()
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.started else "not started"
@@ -697,7 +765,9 @@ class Server:
                     assert target is not None
                     popen = self._spawn(listener, theirs, ours, target, identity)
                     pid = popen.pid
-                process = _Process(pid, ours, os.getpid(), identity, popen)
+                process = _Process(
+                    pid, ours, os.getpid(), self._socket_path, identity, self._own_dir, popen
+                )
                 theirs.close()
                 listener.close()
                 self._wait_ready(process)
@@ -706,9 +776,9 @@ class Server:
                 listener.close()
                 ours.close()
                 if process is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.pid, signal.SIGKILL)
-                    process.reap(block=True)
+                    process.kill()
+                    process.wait(5.0)
+                    process.close_pidfd()
                 self._remove_files(identity)
                 raise
             self._process = process
@@ -719,10 +789,12 @@ class Server:
         """Create, bind and listen on the socket, never reachable by group or others."""
         path = self._socket_path
         if self._own_dir is not None:
+            # Others may pass through (never list) only when the socket lets them in.
+            dir_mode = 0o711 if self._socket_mode & 0o077 else 0o700
             with contextlib.suppress(FileExistsError):
                 os.mkdir(self._own_dir, 0o700)
             st = os.lstat(self._own_dir)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o066:
                 raise StartError(f"{self._own_dir!r} is not a private directory of ours")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -730,7 +802,8 @@ class Server:
                 # The directory is 0700: the socket is private from the moment it exists.
                 self._take_stale_path(path)
                 sock.bind(path)
-                os.chmod(path, 0o600)
+                os.chmod(path, self._socket_mode)
+                os.chmod(self._own_dir, dir_mode)
             else:
                 self._bind_privately(sock, path)
             sock.listen(self._backlog)
@@ -751,7 +824,7 @@ class Server:
                     f"{MAX_SOCKET_PATH} bytes: choose a shorter path"
                 )
             sock.bind(temporary)
-            os.chmod(temporary, 0o600)
+            os.chmod(temporary, self._socket_mode)
             self._take_stale_path(path)
             try:
                 os.link(temporary, path)  # fails if anything appeared there meanwhile
@@ -840,7 +913,7 @@ class Server:
                 f"the server process {process.pid} was not ready within {self._start_timeout} s; "
                 "it was killed (raise start_timeout if initialize_server is slow)"
             )
-        process.reap(block=True)
+        process.wait(5.0)
         raise StartError(
             f"the server process {process.pid} exited with status {process.exit_status} "
             "before it was ready; its log (the 'passrpc' logger) says why"
@@ -860,7 +933,9 @@ class Server:
         loop = self._loop
         if loop is not None and self._process is None:
             loop.request_stop()
-            if not loop.in_client_thread():
+            # From a handler or a signal handler the loop cannot end before we
+            # return: waiting would only stall it.
+            if not loop.in_client_thread() and threading.current_thread() is not loop.thread:
                 loop.done.wait(timeout)
             return
         with self._lock:
@@ -877,10 +952,10 @@ class Server:
                 logger.warning(
                     "server pid %d did not stop within %s s; killing it", process.pid, timeout
                 )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGKILL)
+                process.kill()
                 process.wait(1.0)
-            self._remove_files(process.identity)
+            process.remove_files()
+            process.close_pidfd()
             _reap_unreaped()
 
     def close(self) -> None:
@@ -943,7 +1018,7 @@ class Server:
         """Become the server process: hygiene, the loop, then ``os._exit``. Never returns."""
         code = 1
         try:
-            keep = {0, 1, 2, listener.fileno(), owner.fileno(), *self._keep_fds}
+            keep = {0, 1, 2, listener.fileno(), owner.fileno(), *self._keep_fds, *_logging_fds()}
             _child_hygiene(keep)
             self._frozen = True
             self._process = None
@@ -999,6 +1074,7 @@ class _Loop:
         self.foreground = foreground
         self.ready = ready
         self.done = threading.Event()
+        self.thread = threading.current_thread()
         self.handlers = dict(server._handlers)
         self.describe = _describe(self.handlers)
         self.clients: dict[socket.socket, threading.Thread] = {}
@@ -1023,7 +1099,10 @@ class _Loop:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         fn = self.server._signal_handlers.get(signal.Signals(signum))
         if fn is not None:
-            fn()
+            try:
+                fn()
+            except Exception:  # a broken signal handler must not take the server down
+                logger.exception("the %s handler raised", signal.Signals(signum).name)
         else:  # SIGINT or SIGTERM in the foreground
             logger.info("received %s; stopping", signal.Signals(signum).name)
             self.request_stop()
@@ -1047,9 +1126,9 @@ class _Loop:
 
     def run(self) -> None:
         server = self.server
-        _serving_sockets.extend([self.listener, self.wake_r, self.wake_w])
+        _serving_sockets.update([self.listener, self.wake_r, self.wake_w])
         if self.ready is not None:
-            _serving_sockets.append(self.ready)
+            _serving_sockets.add(self.ready)
         try:
             self._install_signals()
             try:
@@ -1181,10 +1260,13 @@ class _Loop:
 
     def _serve_client(self, sock: socket.socket) -> None:
         server = self.server
-        channel = Channel(sock, timeout=server._handshake_timeout, limits=server._limits)
+        channel = Channel(sock, limits=server._limits)
+        _serving_sockets.add(sock)
         try:
             try:
-                peer = server_handshake(channel, server._key, server._allowed_uids)
+                peer = server_handshake(
+                    channel, server._key, server._allowed_uids, server._handshake_timeout
+                )
             except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout) as exc:
                 logger.warning("refused a connection: %s", exc)
                 return
@@ -1194,6 +1276,7 @@ class _Loop:
         except Exception:
             logger.exception("a client connection failed")
         finally:
+            _serving_sockets.discard(sock)
             with self.clients_lock:
                 self.clients.pop(sock, None)
                 channel.close()
@@ -1246,7 +1329,7 @@ class _Loop:
                 try:
                     # A tuple is a reply of several values; anything else, of one.
                     send(_MESSAGE, result if type(result) is tuple else (result,))
-                except EncodeError as exc:
+                except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
                     send(_ERROR, _unsendable(name, exc))
                 # Let go now, not at the next request: received or returned
                 # FileDescriptors close as soon as nobody holds them.

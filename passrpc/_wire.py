@@ -165,6 +165,11 @@ class Encoder:
         self._pack = msgpack.Packer(default=self._default, use_bin_type=True, buf_size=4096).pack
 
     def _default(self, obj: object) -> msgpack.ExtType:
+        if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
+            raise EncodeError(
+                f"the integer {obj!r:.40} is outside msgpack's range (-2**63 to 2**64-1): "
+                "send it as a str, or as bytes"
+            )
         fileno = getattr(obj, "fileno", None)
         if fileno is None:
             raise EncodeError(

@@ -1,0 +1,202 @@
+"""Edges of the server: failures that must not take it down, and what it leaves behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import passrpc
+from passrpc import Limits, RemoteError, Server
+
+from .test_server import pid_gone, wait_for
+
+
+class TestFailuresThatMustNotStopTheServer:
+    def test_signal_handler_that_raises(self) -> None:
+        """A raising on_signal handler is logged; the server goes on serving."""
+        server = Server()
+        hits: list[int] = []
+
+        @server.on_signal("USR1")
+        def broken() -> None:
+            hits.append(1)
+            raise RuntimeError("broken signal handler")
+
+        server.add_handler("hits", lambda: len(hits))
+        with server:
+            assert server.pid is not None
+            proxy = server.proxy(timeout=5)
+            os.kill(server.pid, signal.SIGUSR1)
+            wait_for(lambda: proxy.hits() == 1, what="the signal handler")
+            assert proxy.hits() == 1
+            proxy.close()
+
+    def test_reply_over_the_frame_limit_is_a_remote_error(self) -> None:
+        """A reply too large to send becomes a RemoteError; the connection goes on."""
+        server = Server(limits=Limits(max_frame_size=1024))
+        server.add_handler("big", lambda: b"x" * 4096)
+        server.add_handler("small", lambda: "ok")
+        with server, server.proxy(timeout=5) as proxy:
+            with pytest.raises(RemoteError, match="cannot be sent"):
+                proxy.big()
+            assert proxy.small() == "ok"
+
+    def test_bare_decorators_register(self) -> None:
+        """@server.handler and @passrpc.handler without parentheses register too."""
+        server = Server()
+
+        @server.handler
+        def plain() -> str:
+            return "plain"
+
+        class Sub(Server):
+            @passrpc.handler
+            def method(self) -> str:
+                return "method"
+
+        assert plain() == "plain"
+        assert "plain" in server._handlers
+        assert "method" in Sub()._handlers
+
+
+class TestWhatStaysBehind:
+    def test_server_killed_by_a_signal_leaves_no_socket(self) -> None:
+        """When the server dies of SIGTERM, its starter removes the socket file and directory."""
+        server = Server()
+        server.start()
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGTERM)
+        wait_for(lambda: not server.alive, what="the server to die")
+        assert not os.path.exists(server.socket_path)
+        assert not os.path.exists(os.path.dirname(server.socket_path))
+        server.stop()
+
+    def test_stop_from_a_forked_owner_is_prompt(self) -> None:
+        """stop() in a fork of the starter waits for the end through the pidfd: no busy wait."""
+        server = Server()
+        server.start()
+        assert server.pid is not None
+        server_pid = server.pid
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                start = time.monotonic()
+                server.stop(timeout=4)
+                os.write(w, f"{time.monotonic() - start:.3f}".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        _, status = os.waitpid(child, 0)
+        with os.fdopen(r) as f:
+            took = float(f.read())
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert took < 2
+        wait_for(lambda: not server.alive, what="the starter to see the end")
+        assert pid_gone(server_pid)
+        server.stop()
+
+    def test_handshake_bound_covers_a_trickling_client(self) -> None:
+        """A client that sends its hello a byte at a time is dropped at the handshake bound."""
+        server = Server(handshake_timeout=0.5)
+        with server, socket.socket(socket.AF_UNIX) as s:
+            s.connect(server.socket_path)
+            start = time.monotonic()
+            s.setblocking(False)
+            closed = False
+            while time.monotonic() - start < 5 and not closed:
+                try:
+                    s.send(b"\x00")
+                except OSError:
+                    closed = True
+                    break
+                if select.select([s], [], [], 0.1)[0]:
+                    try:
+                        closed = s.recv(4096) == b""
+                    except OSError:
+                        closed = True
+            assert closed
+            assert time.monotonic() - start < 2
+
+    def test_processes_forked_by_handlers_do_not_hold_other_clients(self) -> None:
+        """A worker forked by a handler does not keep another client's connection open."""
+        server = Server(client_idle_timeout=0.3)
+
+        @server.handler()
+        def fork_sleeper() -> int:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(3)
+                os._exit(0)
+            threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True).start()
+            return pid
+
+        with server:
+            other = server.connect(timeout=5)
+            other.write("fork_sleeper")  # accepted and served: its socket exists in the server
+            sleeper = other.read()[0]
+            with server.proxy(timeout=5) as proxy:
+                proxy.fork_sleeper()
+            # The server closes the idle connection; the sleepers must not keep it open.
+            assert select.select([other], [], [], 2)[0]
+            assert not pid_gone(sleeper)
+            with pytest.raises(passrpc.ConnectionClosed):
+                other.read()
+            other.close()
+
+    def test_logging_file_handler_works_in_the_server(self, sockdir: Path) -> None:
+        """A FileHandler configured before start() still writes in the server process."""
+        log_path = sockdir / "server.log"
+        log = logging.getLogger("passrpc.test.filehandler")
+        handler = logging.FileHandler(log_path)
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            server = Server()
+
+            @server.handler()
+            def note(text: str) -> None:
+                log.info("server says %s", text)
+                handler.flush()
+
+            with server:
+                server.proxy(timeout=5).note("hello")
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+        assert "server says hello" in log_path.read_text()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping to another uid needs root")
+def test_allowed_uid_with_an_open_socket_mode_gets_in() -> None:
+    """allow_uids plus socket_mode lets another user in, and only that one."""
+    server = Server(allow_uids={65534}, socket_mode=0o666)
+    server.add_handler("whoami", lambda: passrpc.current_peer().uid)
+    with server:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                proxy = passrpc.connect(server.socket_path, password=server.password, timeout=5)
+                os.write(w, str(proxy.whoami()).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            assert f.read() == "65534"
+        assert os.waitstatus_to_exitcode(status) == 0
