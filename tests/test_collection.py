@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -627,3 +627,57 @@ class TestRemoval:
         assert_reaped(factory.made[0].last_pid)
         assert len(collection) == 0
         assert collection.statistics().stopping == 0
+
+
+class BareServer:
+    """Only what the collection uses of a server: no process, for heap bookkeeping tests."""
+
+    def __init__(self, max_idle_time: float | None) -> None:
+        self.max_idle_time = max_idle_time
+        self.next_cleaning_time: float | None = None
+        self.started = False
+        self.alive = False
+
+    def start(self) -> None:
+        self.started = self.alive = True
+
+    def stop(self) -> None:
+        self.started = self.alive = False
+
+
+def bare(server: BareServer) -> Callable[[], passrpc.Server]:
+    """A factory returning ``server``, typed as the collection expects."""
+    return lambda: cast(passrpc.Server, server)
+
+
+class TestHeap:
+    """The cleaner's heap stays small and exact however deadlines move."""
+
+    def test_deleted_servers_do_not_pile_up_in_the_heap(
+        self, collection: passrpc.ServerCollection
+    ) -> None:
+        """Stale heap items of deleted servers are compacted away."""
+        for i in range(300):
+            collection.lookup_or_add(i, bare(BareServer(3600)))
+        assert collection.statistics().deadlines == 300
+        for i in range(290):
+            collection.delete(i)
+        assert collection.statistics().deadlines < 300 // 2
+        assert collection.next_cleaning_time == 3600
+
+    def test_a_shorter_max_idle_time_moves_the_deadline_earlier(
+        self, clock: FakeClock, collection: passrpc.ServerCollection
+    ) -> None:
+        """Lowering max_idle_time takes effect at the next lookup, earlier than the old deadline."""
+        server = BareServer(100)
+        collection.lookup_or_add("app", bare(server))
+        assert collection.next_cleaning_time == 100
+        server.max_idle_time = 10
+        clock.now = 1
+        collection.lookup_or_add("app", bare(server))
+        assert collection.next_cleaning_time == 11
+        clock.now = 11
+        collection.check_idle_servers()
+        assert "app" not in collection
+        assert not server.started
+        assert collection.statistics().deadlines <= 1
