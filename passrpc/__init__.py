@@ -7,7 +7,6 @@ passed beside them. See README.md and docs/ for the guide.
 
 from __future__ import annotations
 
-from . import aio as aio
 from ._channel import Channel, Peer
 from ._client import Proxy, connect
 from ._collection import ServerCollection
@@ -61,3 +60,13 @@ __all__ = [
     "handler",
     "on_signal",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # passrpc.aio pulls in asyncio (tens of milliseconds): load it on first use,
+    # so the command line and spawned servers start without it.
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module 'passrpc' has no attribute {name!r}")

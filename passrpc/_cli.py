@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ._channel import Channel
 from ._client import Proxy, connect
 from ._errors import (
     AuthenticationError,
@@ -346,6 +347,11 @@ def _call(args: argparse.Namespace) -> int:
     with _connect(args) as proxy:
         try:
             reply = proxy.call(args.name, *positional, **keywords)
+            if isinstance(reply, Channel):
+                # A raw handler converses: show its first message, then hang up.
+                with reply:
+                    values = reply.read()
+                reply = values[0] if len(values) == 1 else list(values)
         except RemoteError as exc:
             raise _Failure(f"handler {args.name!r} raised {exc}") from exc
     fds: list[int] = []

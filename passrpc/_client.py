@@ -126,7 +126,14 @@ class Proxy:
             connection.channel.close()
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Call handler ``name`` with the arguments given; the generic form of the methods."""
+        """Call handler ``name`` with the arguments given; the generic form of the methods.
+
+        For a raw handler this returns the :class:`Channel` to converse on,
+        as its method does.
+        """
+        info = self._handler_info.get(name)
+        if info is not None and info.get("raw"):
+            return self._open_raw(name, args, kwargs)
         return self._call(name, args, kwargs)
 
     def _call(
@@ -352,4 +359,11 @@ def _server_proxy(server: Server, *, timeout: float | None = None) -> Proxy:
     return cls(server.socket_path, server.password, timeout=timeout, limits=server._limits)
 
 
+def _async_server_proxy(server: Server, *, timeout: float | None = None) -> Any:
+    from .aio import _server_proxy as make  # asyncio is loaded only when wanted
+
+    return make(server, timeout=timeout)
+
+
 _proxy_factories["sync"] = _server_proxy
+_proxy_factories["async"] = _async_server_proxy

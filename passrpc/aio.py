@@ -971,4 +971,4 @@ def _server_proxy(server: Server, *, timeout: float | None = None) -> AsyncProxy
     return cls(server.socket_path, server.password, timeout=timeout, limits=server._limits)
 
 
-_proxy_factories["async"] = _server_proxy
+_proxy_factories["async"] = _server_proxy  # also reached lazily through _client
