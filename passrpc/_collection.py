@@ -88,6 +88,7 @@ class _Entry:
     """One key's slot in the map; every field is guarded by the collection's lock."""
 
     __slots__ = (
+        "checking",
         "creator",
         "expired",
         "heap_item",
@@ -111,6 +112,12 @@ class _Entry:
         self.creator = threading.get_ident()
         self.started = threading.Event()  # set when the entry leaves _STARTING
         self.removed = threading.Event()  # set when the entry leaves the map
+        # Held while one thread asks the server whether it lives, or stops it:
+        # Server.alive reaps a dead process and closes its pidfd, which must
+        # not run in two threads at once (nor beside stop()). It is per key:
+        # lookups of other keys never wait on it, and lookups of this key
+        # take turns only for the microseconds of a non-blocking waitpid.
+        self.checking = threading.Lock()
 
 
 class ServerCollection:
@@ -204,14 +211,15 @@ class ServerCollection:
         self, key: Hashable, factory: Callable[[], Any], *, pin: bool
     ) -> tuple[_Entry, Any]:
         while True:
-            # Peek without the lock and check that the server's process lives
-            # (a non-blocking waitpid) before taking it, so a lookup holds the
-            # lock once, briefly, and only to read and write the map. What the
-            # peek saw is verified under the lock below.
+            # Peek without the map lock and check that the server's process
+            # lives (a non-blocking waitpid) before taking it, so a lookup
+            # holds the map lock once, briefly, and only to read and write the
+            # map. What the peek saw is verified under the map lock below.
             seen = self._entries.get(key)
             alive = None
             if seen is not None and seen.state == _RUNNING and seen.server is not None:
-                alive = bool(seen.server.alive)
+                with seen.checking:
+                    alive = bool(seen.server.alive)
             with self._lock:
                 if self._closed:
                     raise CollectionClosed(
@@ -399,14 +407,25 @@ class ServerCollection:
             expired.append(entry)
 
     def _stop_expired(self, expired: list[_Entry]) -> None:
-        for entry in expired:
-            logger.info(
-                "stopping the server for %r (pid %s): idle for %s s",
-                entry.key,
-                getattr(entry.server, "pid", "?"),
-                entry.server.max_idle_time,
-            )
-            self._stop_and_remove(entry)
+        if not expired:
+            return
+        try:
+            for entry in expired:
+                logger.info(
+                    "stopping the server for %r (pid %s): idle for %s s",
+                    entry.key,
+                    getattr(entry.server, "pid", "?"),
+                    entry.server.max_idle_time,
+                )
+                self._stop(entry)
+        finally:
+            # One hold of the lock for the whole batch: under contention each
+            # acquisition can cost the cleaner a wait for the GIL.
+            with self._lock:
+                for entry in expired:
+                    self._remove_locked(entry)
+            for entry in expired:
+                entry.removed.set()
 
     def _run_cleaner(self) -> None:
         while True:
@@ -451,15 +470,20 @@ class ServerCollection:
         entry.state = _GONE
         self._drop_item_locked(entry)
 
-    def _stop_and_remove(self, entry: _Entry) -> None:
-        """Stop the entry's server outside the lock, then take the entry out of the map."""
-        server = entry.server
+    def _stop(self, entry: _Entry) -> None:
+        """Stop the entry's server, outside the map lock; log, never raise, an Exception."""
         try:
-            server.stop()
+            with entry.checking:
+                entry.server.stop()
         except ServerNotStarted:
             pass  # someone stopped it behind the collection's back: nothing to do
         except Exception:
             logger.exception("stopping the server for %r failed", entry.key)
+
+    def _stop_and_remove(self, entry: _Entry) -> None:
+        """Stop the entry's server outside the lock, then take the entry out of the map."""
+        try:
+            self._stop(entry)
         finally:
             with self._lock:
                 self._remove_locked(entry)

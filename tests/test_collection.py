@@ -262,6 +262,34 @@ class TestLookup:
         assert_reaped(old_pid)
         assert len(collection) == 1
 
+    def test_killed_server_is_replaced_once_under_concurrent_lookups(
+        self, no_fd_leak: None, collection: passrpc.ServerCollection
+    ) -> None:
+        """16 threads looking up a dead server's key start one replacement and all get it."""
+        factory = Factory()
+        old = collection.lookup_or_add("app", factory)
+        assert old.pid is not None
+        os.kill(old.pid, signal.SIGKILL)
+        # Wait for the death without reaping it, so the lookups race to notice.
+        os.waitid(os.P_PID, old.pid, os.WEXITED | os.WNOWAIT)
+        barrier = threading.Barrier(16)
+        got: list[passrpc.Server] = []
+
+        def look() -> None:
+            barrier.wait(WAIT)
+            got.append(collection.lookup_or_add("app", factory))
+
+        threads = [threading.Thread(target=look) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert factory.calls == 2
+        assert len(got) == 16
+        assert {id(server) for server in got} == {id(got[0])}
+        assert got[0] is not old
+        assert got[0].alive
+
     def test_server_stopped_behind_the_collections_back_is_replaced(
         self, collection: passrpc.ServerCollection
     ) -> None:
