@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ._channel import Channel, Peer
 from ._client import Proxy, connect
-from ._collection import ServerCollection
+from ._collection import CollectionClosed, CollectionStatistics, ServerCollection
 from ._errors import (
     AuthenticationError,
     ConfigurationError,
@@ -36,6 +36,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AuthenticationError",
     "Channel",
+    "CollectionClosed",
+    "CollectionStatistics",
     "ConfigurationError",
     "ConnectionClosed",
     "EncodeError",

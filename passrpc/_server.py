@@ -232,6 +232,9 @@ class _Process:
     # it: forks of the starter inherit it, and can wait for the end without
     # being able to reap it.
     pidfd: int | None = attrs.field(default=None)
+    # exited() reaps and closes the pidfd: two threads asking `alive` at once
+    # must not both wait for the child, nor both close one descriptor number.
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -241,6 +244,10 @@ class _Process:
 
     def exited(self) -> bool:
         """True once the server process has ended; the starter reaps it and its files."""
+        with self._lock:
+            return self._exited()
+
+    def _exited(self) -> bool:
         if self.exit_status is not None:
             return True
         if os.getpid() != self.starter:
@@ -261,7 +268,7 @@ class _Process:
         # A server that died without its own cleanup (a signal, SIGKILL)
         # leaves its socket file: the starter takes it away once it knows.
         self.remove_files()
-        self.close_pidfd()
+        self._close_pidfd()
         return True
 
     def wait(self, timeout: float) -> bool:
@@ -271,10 +278,14 @@ class _Process:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self.pidfd is not None:
-                select.select([self.pidfd], [], [], left)
-            else:
-                time.sleep(min(left, 0.01))
+            pidfd = self.pidfd
+            try:
+                if pidfd is None:
+                    time.sleep(min(left, 0.01))
+                else:
+                    select.select([pidfd], [], [], left)
+            except (OSError, ValueError):  # another thread saw the end and closed it
+                continue
         return True
 
     def remove_files(self) -> None:
@@ -292,6 +303,10 @@ class _Process:
                 os.kill(self.pid, signal.SIGKILL)
 
     def close_pidfd(self) -> None:
+        with self._lock:
+            self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
         fd, self.pidfd = self.pidfd, None
         if fd is not None:
             os.close(fd)
