@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import json
 import logging
 import os
-import socket
 import stat
 import sys
 from collections.abc import Sequence
@@ -26,15 +26,13 @@ from ._client import Proxy, connect
 from ._errors import (
     AuthenticationError,
     ConfigurationError,
-    ConnectionClosed,
     Error,
     RemoteError,
     StartError,
     TargetError,
-    Timeout,
 )
 from ._fd import FileDescriptor
-from ._server import Server
+from ._server import Server, _is_live_socket
 from ._target import load_target
 
 logger = logging.getLogger("passrpc.cli")
@@ -68,14 +66,25 @@ class _Failure(Exception):
 # Passwords ------------------------------------------------------------------
 
 
-def _read_password_file(path: str) -> bytes:
-    """Return the password stored in ``path``: its bytes without one trailing newline."""
+def _read_password_file(path: str, *, ours: bool = False) -> bytes:
+    """Return the password stored in ``path``: its bytes without one trailing newline.
+
+    Only a regular file is read (a FIFO planted there would hang us), never
+    through a symlink; with ``ours``, only a file of this user's.
+    """
     try:
-        with open(path, "rb") as file:
-            data = file.read()
-            mode = os.fstat(file.fileno()).st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise _UsageError(f"cannot read the password file {path!r}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (ours and st.st_uid != os.getuid()):
+            raise _UsageError(
+                f"{path!r} is not a password file of yours (a regular file owned by you): "
+                "give the password with --password-file or $" + PASSWORD_ENV
+            )
+        data = file.read()
+        mode = st.st_mode
     if data.endswith(b"\n"):
         data = data[:-1]
         if data.endswith(b"\r"):
@@ -98,17 +107,20 @@ def _password_from(args: argparse.Namespace) -> bytes | None:
     return value or None
 
 
-def _write_password_file(path: str, password: str | bytes) -> tuple[int, int]:
-    """Write ``password`` to a new file of mode 0600; return its (st_dev, st_ino).
+def _write_password_file(path: str, password: str | bytes) -> tuple[int, tuple[int, int]]:
+    """Write ``password`` to a new file of mode 0600; return its locked descriptor and identity.
 
     O_EXCL makes sure the file is new (no one else's file, no symlink
     followed), and the mode is set at creation, so the password is never
-    readable by anyone else, not even for an instant.
+    readable by anyone else, not even for an instant. The returned
+    descriptor holds an exclusive flock for as long as the server runs, so
+    another ``serve`` on the same path can tell the file is in use.
     """
     data = password.encode() if isinstance(password, str) else bytes(password)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = os.open(path, flags, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         view = memoryview(data + b"\n")
         while view:
             view = view[os.write(fd, view) :]
@@ -118,8 +130,7 @@ def _write_password_file(path: str, password: str | bytes) -> tuple[int, int]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    os.close(fd)
-    return (st.st_dev, st.st_ino)
+    return fd, (st.st_dev, st.st_ino)
 
 
 def _remove_stale_password_file(path: str, socket_path: str) -> None:
@@ -137,19 +148,21 @@ def _remove_stale_password_file(path: str, socket_path: str) -> None:
             f"{path!r} exists and is not a password file of ours; passrpc never removes it: "
             "remove it yourself, or choose another --socket"
         )
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _Failure(
+            f"another passrpc serve is starting on {socket_path!r} (it holds {path!r}): "
+            "stop it, or choose another --socket"
+        ) from None
+    finally:
+        os.close(fd)
     os.unlink(path)
     logger.info("removed the stale password file %s", path)
-
-
-def _is_live_socket(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 # serve ----------------------------------------------------------------------
@@ -187,26 +200,30 @@ def _configure(server: Server, socket_path: str | None, password: bytes | None) 
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(name)s[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("passrpc").setLevel(args.log_level.upper())
     # As Flask does: the console script does not put the current directory on
     # sys.path the way ``python -m`` does, and app:server usually lives there.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     password = _password_from(args)
+    # Handlers, and what they start, must not inherit the secret.
+    os.environb.pop(PASSWORD_ENV.encode(), None)
     try:
         server = _make_server(args.target)
     except TargetError as exc:
         raise _UsageError(str(exc)) from exc
+    # After the import: an app that configures logging itself keeps its own.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            format="%(name)s[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
+        )
+    logging.getLogger().setLevel(args.log_level.upper())
+    logging.getLogger("passrpc").setLevel(args.log_level.upper())
     _configure(server, args.socket, password)
 
     created_dir = None
     password_file = None
     identity = None
+    locked_fd = None
     try:
         if password is None:
             password_file = server.socket_path + PASSWORD_SUFFIX
@@ -217,7 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
                     os.mkdir(server._own_dir, 0o700)
                     created_dir = server._own_dir
                 _remove_stale_password_file(password_file, server.socket_path)
-                identity = _write_password_file(password_file, server.password)
+                locked_fd, identity = _write_password_file(password_file, server.password)
             except OSError as exc:
                 raise _Failure(
                     f"cannot write the password file {password_file!r}: {exc.strerror}; "
@@ -250,6 +267,8 @@ def _serve(args: argparse.Namespace) -> int:
                 st = os.lstat(password_file)
                 if (st.st_dev, st.st_ino) == identity:
                     os.unlink(password_file)
+        if locked_fd is not None:
+            os.close(locked_fd)
         if created_dir is not None:
             with contextlib.suppress(OSError):
                 os.rmdir(created_dir)
@@ -264,7 +283,7 @@ def _client_password(args: argparse.Namespace, socket_path: str) -> bytes:
         return password
     beside = socket_path + PASSWORD_SUFFIX
     if os.path.exists(beside):
-        return _read_password_file(beside)
+        return _read_password_file(beside, ours=True)
     raise _UsageError(
         f"no password: set ${PASSWORD_ENV}, pass --password-file, or run the server with "
         f"'python -m passrpc serve', which writes {beside!r}"
@@ -525,9 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(prog, str(exc), _EXIT_USAGE)
     except _Failure as exc:
         _fail(prog, str(exc), _EXIT_FAILED)
-    except RemoteError as exc:
-        _fail(prog, f"the server raised {exc}", _EXIT_FAILED)
-    except (ConnectionClosed, Timeout, Error) as exc:
+    except Error as exc:
         _fail(prog, str(exc), _EXIT_FAILED)
     except KeyboardInterrupt:
         # SIGINT before the server took it over (during import, say).

@@ -267,6 +267,11 @@ class ServerCollection:
         """Run the factory and start its server, outside the lock; the entry is _STARTING."""
         try:
             server = factory()
+            if not all(hasattr(server, name) for name in ("started", "start", "stop", "alive")):
+                raise ConfigurationError(
+                    f"the factory for {entry.key!r} returned {server!r}, not a passrpc.Server: "
+                    "make it return a Server (started or not)"
+                )
             if not server.started:
                 server.start()
         except BaseException:

@@ -375,7 +375,9 @@ class TestList:
         """--json prints the server's description as JSON."""
         result = run_cli("list", "--json", "--socket", greeter, PASSRPC_PASSWORD=PASSWORD)
         described: list[dict[str, Any]] = json.loads(result.stdout)
-        assert {"hello", "echo", "fail", "blob", "pipe"} == {item["name"] for item in described}
+        assert {"hello", "echo", "fail", "blob", "pipe", "environment"} == {
+            item["name"] for item in described
+        }
 
     def test_wrong_password_exits_1(self, greeter: str) -> None:
         """list refuses a wrong password just as call does."""
@@ -414,3 +416,33 @@ class TestHelp:
         result = run_cli()
         assert result.returncode == 2
         assert "serve" in result.stderr
+
+
+class TestSecrets:
+    """The password stays where it belongs."""
+
+    def test_password_is_not_left_in_the_servers_environment(self, greeter: str) -> None:
+        """Handlers (and what they start) do not inherit $PASSRPC_PASSWORD."""
+        result = call(greeter, "environment", "PASSRPC_PASSWORD")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) is None
+
+    def test_fifo_beside_the_socket_is_refused_not_read(self, sockdir: Path) -> None:
+        """A FIFO planted at SOCKET.password is refused at once instead of hanging the client."""
+        path = str(sockdir / "s.sock")
+        os.mkfifo(path + ".password")
+        result = run_cli("call", "--socket", path, "hello", "A", "B")
+        assert result.returncode == 2
+        assert "not a password file of yours" in result.stderr
+
+    def test_password_file_in_use_is_not_taken_over(self, sockdir: Path) -> None:
+        """A second serve on the same socket does not remove the first one's password file."""
+        path = str(sockdir / "s.sock")
+        with serving("tests.apps.greeter:server", "--socket", path, socket_path=path) as first:
+            password_file = Path(path + ".password")
+            before = password_file.read_text()
+            result = run_cli("tests.apps.greeter:server", "--socket", path)
+            assert result.returncode == 1
+            assert password_file.read_text() == before
+            stop(first)
+        assert first.returncode == 0

@@ -59,3 +59,9 @@ def make_server() -> passrpc.Server:
 
 #: Not a server: serving it is a usage error.
 answer = 42
+
+
+@server.handler("environment")
+def environment(name: str) -> str | None:
+    """Return the server process's value of environment variable ``name``."""
+    return os.environ.get(name)
