@@ -42,6 +42,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
 from multiprocessing.managers import BaseManager
@@ -669,8 +670,15 @@ def _latency_group(
             if setup is None:
                 continue
             print(f"  {workload}: starting {label}", flush=True)
-            calls[key] = setup(stack, d, s.cpu)
-            calls[key](0)  # a first call: connect, bind, look up
+            try:
+                call = setup(stack, d, s.cpu)
+                call(0)  # a first call: connect, bind, look up
+            except Exception as exc:
+                # One system that cannot run must not cost the others' figures.
+                traceback.print_exc()
+                run.notes.append(f"{workload}: {label} failed and was skipped ({exc!r:.200})")
+                continue
+            calls[key] = call
             labels[key] = (label, ref)
         print(f"  {workload}: timing {len(calls)} systems in turns", flush=True)
         stats = interleaved_batches(
@@ -808,8 +816,6 @@ def _throughput(make_call: Callable[[], Call], clients: int, duration: float) ->
                 os.write(result_w, struct.pack("q", count))
                 code = 0
             except BaseException:
-                import traceback
-
                 traceback.print_exc()
             finally:
                 os._exit(code)
