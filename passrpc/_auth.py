@@ -28,7 +28,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from ._channel import Channel, Peer
@@ -47,6 +47,7 @@ _CHALLENGE_SIZE = 32
 _SERVER_LABEL = b"passrpc server\x00"
 _CLIENT_LABEL = b"passrpc client\x00"
 _HANDSHAKE = int(Kind.HANDSHAKE)
+_ERROR = int(Kind.ERROR)
 
 #: Seconds a client may take over the whole handshake before the server drops it:
 #: ample for a local peer, short enough that silent clients cannot pile up.
@@ -157,6 +158,14 @@ def default_uids() -> frozenset[int]:
     return frozenset({os.getuid(), 0})
 
 
+def check_server_uid(peer: Peer, server_uids: Collection[int] | None) -> None:
+    """Raise AuthenticationError unless the server ``peer`` runs as one of ``server_uids``.
+
+    None means :func:`default_uids` (ours or root).
+    """
+    check_uid(peer, default_uids() if server_uids is None else server_uids, "server")
+
+
 def _expect_handshake(channel: Channel, deadline: float | None = None, *, from_server: bool) -> Any:
     if deadline is not None:
         left = deadline - time.monotonic()
@@ -164,7 +173,20 @@ def _expect_handshake(channel: Channel, deadline: float | None = None, *, from_s
             raise Timeout("the handshake took longer than its time bound")
         channel.timeout = left
     kind, payload = channel._receive()
-    if kind == Kind.ERROR and from_server:
+    return _handshake_payload(kind, payload, from_server=from_server)
+
+
+def _handshake_payload(kind: int, payload: Any, *, from_server: bool) -> Any:
+    """Return the payload of a frame the handshake expects, or raise what the frame means.
+
+    Only the server may refuse with an ERROR frame (it says why); from the
+    client, as any other kind, it breaks the protocol.
+
+    Raises:
+        AuthenticationError and the like: the server refused (an ERROR frame).
+        ProtocolError: the frame is not a handshake frame.
+    """
+    if kind == _ERROR and from_server:
         raise error_from_payload(payload)
     if kind != _HANDSHAKE:
         raise ProtocolError(f"handshake: expected a handshake frame, got kind {kind!r}")
@@ -218,7 +240,7 @@ def client_handshake(
         AuthenticationError, ProtocolError, ConnectionClosed, Timeout.
     """
     peer = channel.peer
-    check_uid(peer, default_uids() if allowed_uids is None else allowed_uids, "server")
+    check_server_uid(peer, allowed_uids)
     steps = ClientHandshake(key)
     channel._send(_HANDSHAKE, steps.hello())
     channel._send(_HANDSHAKE, steps.answer(_expect_handshake(channel, from_server=True)))
@@ -228,6 +250,58 @@ def client_handshake(
 #: errno values of a connect that may succeed if tried again shortly: the
 #: listen backlog is full (EAGAIN on Linux AF_UNIX), or the call was interrupted.
 _RETRY_CONNECT = frozenset({errno.EAGAIN, errno.EINTR})
+
+#: Backoff while a server's listen backlog is full (the kernel offers no event
+#: for "a slot is free"): start small, as the backlog usually drains in
+#: microseconds, and double up to a cap, so a waiting client notices a free
+#: slot within 50 ms without spinning.
+_CONNECT_FIRST_DELAY = 0.0005
+_CONNECT_MAX_DELAY = 0.05
+
+
+def _connect_once(path: str) -> socket.socket | None:
+    """Try once to connect a non-blocking socket to ``path``.
+
+    Returns the connected socket (non-blocking), or None when the listen
+    backlog is full or the call was interrupted: wait the next of
+    :func:`_backoff`'s delays and try again. Shared by the sync and asyncio
+    clients, which differ only in how they wait.
+
+    Raises:
+        ConnectionClosed: nobody listens at ``path`` (the cause says why).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)  # a full backlog answers EAGAIN instead of blocking
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in _RETRY_CONNECT:
+            return None
+        raise ConnectionClosed(
+            f"cannot connect to the passrpc server at {path!r}: {exc.strerror}; "
+            "is it running, and is this its socket path?"
+        ) from exc
+    return sock
+
+
+def _backoff(path: str, deadline: float | None, clock: Callable[[], float]) -> Iterator[float]:
+    """Yield the seconds to wait before each new attempt to connect to ``path``.
+
+    ``deadline`` is on ``clock`` (``time.monotonic``, or the event loop's time).
+
+    Raises:
+        Timeout: the next wait would end past ``deadline``.
+    """
+    delay = _CONNECT_FIRST_DELAY
+    while True:
+        if deadline is not None and clock() + delay > deadline:
+            raise Timeout(
+                f"the server at {path!r} kept its listen backlog full until the timeout: "
+                "it is overloaded; try again later, or allow a longer timeout"
+            )
+        yield delay
+        delay = min(delay * 2, _CONNECT_MAX_DELAY)
 
 
 def open_channel(
@@ -250,26 +324,9 @@ def open_channel(
         Timeout: the server did not answer in time.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 0.0005
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)  # a full backlog answers EAGAIN instead of blocking
-            sock.connect(path)
-            break
-        except OSError as exc:
-            sock.close()
-            if exc.errno not in _RETRY_CONNECT:
-                raise ConnectionClosed(
-                    f"cannot connect to the passrpc server at {path!r}: {exc.strerror}; "
-                    "is it running, and is this its socket path?"
-                ) from exc
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise Timeout(
-                    f"the server at {path!r} kept its listen backlog full for {timeout} s"
-                ) from exc
-            time.sleep(delay)  # backlog full: back off briefly, as the kernel gives no event
-            delay = min(delay * 2, 0.05)
+    waits = _backoff(path, deadline, time.monotonic)
+    while (sock := _connect_once(path)) is None:
+        time.sleep(next(waits))  # backlog full: back off briefly, as the kernel gives no event
     channel = Channel(sock, timeout=timeout, limits=limits)
     try:
         if deadline is not None:

@@ -6,6 +6,7 @@ import array
 import errno
 import socket
 import struct
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -211,33 +212,16 @@ class Channel:
         self, nbytes: int, ancillary: list[tuple[int, int, bytes]], flags: int
     ) -> None:
         """Descriptors, a truncation or end of stream: off the hot path."""
-        fds = _descriptors(ancillary)
-        if flags & _CTRUNC:
-            for fd in fds:
-                fd.close()
-            raise FrameTooLarge(
-                "the peer sent more descriptors with one message than this side's limit of "
-                f"{self._limits.max_fds}; they were closed: raise Limits.max_fds, or send fewer"
-            )
-        if not nbytes:
-            for fd in fds:
-                fd.close()
-            where = " in the middle of a message" if self._decoder.pending else ""
-            raise ConnectionClosed(f"the peer closed the connection{where}")
-        self._decoder.buffer_updated(nbytes, fds)
+        _take_ancillary(self._decoder, nbytes, ancillary, flags, self._limits.max_fds)
 
-    def _raise(self, exc: OSError, doing: str) -> NoReturn:
+    def _raise(self, exc: OSError, doing: str, fds: Sequence[int] = ()) -> NoReturn:
         if isinstance(exc, TimeoutError):
             if doing == "sending":  # part of a frame may be out: the stream is unusable
                 self.close()
             raise Timeout(
                 f"{doing} a message took longer than the timeout of {self.timeout} s"
             ) from exc
-        if self._closed:
-            raise ConnectionClosed("this channel was closed; open a new connection") from exc
-        if exc.errno in _GONE:
-            raise ConnectionClosed(f"the peer closed the connection ({exc.strerror})") from exc
-        raise ConnectionClosed(f"{doing} failed: {exc}; the connection is unusable") from exc
+        raise _os_error(exc, doing, self._closed, fds) from exc
 
     def close(self) -> None:
         """Close the socket and every received descriptor nobody claimed; idempotent."""
@@ -271,3 +255,62 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[FileDescriptor
             numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
             fds.extend(FileDescriptor(fd) for fd in numbers)
     return fds
+
+
+def _take_ancillary(
+    decoder: Decoder,
+    nbytes: int,
+    ancillary: list[tuple[int, int, bytes]],
+    flags: int,
+    max_fds: int,
+) -> None:
+    """Hand one ``recvmsg`` result that carried descriptors, a truncation or end of stream to ``decoder``.
+
+    Shared by :class:`Channel` and the asyncio channel. Descriptors that cannot
+    be delivered (truncated, or arriving with end of stream) are closed here.
+
+    Raises:
+        FrameTooLarge: the peer sent more descriptors than ``max_fds``.
+        ConnectionClosed: end of stream (``nbytes`` is 0).
+    """
+    fds = _descriptors(ancillary) if ancillary else []
+    if flags & _CTRUNC:
+        for fd in fds:
+            fd.close()
+        raise FrameTooLarge(
+            "the peer sent more descriptors with one message than this side's limit of "
+            f"{max_fds}; they were closed: raise Limits.max_fds, or send fewer"
+        )
+    if not nbytes:
+        for fd in fds:
+            fd.close()
+        where = " in the middle of a message" if decoder.pending else ""
+        raise ConnectionClosed(f"the peer closed the connection{where}")
+    decoder.buffer_updated(nbytes, fds)
+
+
+def _os_error(
+    exc: OSError,
+    doing: str,
+    closed: bool,
+    fds: Sequence[int] = (),
+    gone: type[ConnectionClosed] = ConnectionClosed,
+) -> EncodeError | ConnectionClosed:
+    """The passrpc error for an ``OSError`` (not a timeout) from sending or receiving.
+
+    Args:
+        exc: what the socket call raised.
+        doing: "sending" or "receiving", for the message.
+        closed: whether this side had closed the channel (its socket).
+        fds: the descriptors of a send whose first bytes had not gone out: a
+            bad one is the caller's mistake (EncodeError), not a broken link.
+        gone: the class for "the peer has gone" (the asyncio client uses a
+            subclass that says the frame never left).
+    """
+    if closed:
+        return ConnectionClosed("this channel was closed; open a new connection")
+    if fds and exc.errno == errno.EBADF:
+        return EncodeError(f"a descriptor in the message ({list(fds)}) is not open; nothing was sent")
+    if exc.errno in _GONE:
+        return gone(f"the peer closed the connection ({exc.strerror})")
+    return ConnectionClosed(f"{doing} failed: {exc}; the connection is unusable")

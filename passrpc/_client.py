@@ -1,4 +1,12 @@
-"""The client: generated proxies with a persistent connection per thread, and ``connect()``."""
+"""The client: generated proxies with a persistent connection per thread, and ``connect()``.
+
+It also holds what the asyncio client (:mod:`passrpc.aio`) shares with the
+sync one, so that the two cannot drift apart: :class:`_ProxyBase` (the
+described handlers, errors for names the server lacks, the repr), the shape of
+a request (:func:`_request`) and of a reply (:func:`_unwrap`), the check of
+the server's description (:func:`_check_described`), the class factory
+(:func:`_make_proxy_class`) and fork detection (``_generation``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Callable, Collection
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ._auth import open_channel, password_key
 from ._channel import Channel
@@ -36,6 +44,98 @@ os.register_at_fork(after_in_child=_after_fork)
 _UNSET: Any = object()
 
 
+class _ProxyBase:
+    """What the sync and asyncio proxies share: the handlers a server described, and their errors.
+
+    A generated subclass (:func:`_make_proxy_class`) fills ``_handler_info``
+    and adds one method per handler; an unknown name raises ``AttributeError``
+    before any I/O.
+    """
+
+    #: The described handlers by name (see ``passrpc._server._describe``).
+    _handler_info: dict[str, dict[str, Any]] = {}
+    #: The class name ``repr()`` shows.
+    _public_name = "passrpc.Proxy"
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        password: str | bytes,
+        *,
+        timeout: float | None,
+        limits: Limits,
+        server_uids: Collection[int] | None,
+    ) -> None:
+        self._path = os.fspath(socket_path)
+        self._key = password_key(password)
+        self._timeout = timeout
+        self._limits = limits
+        self._server_uids = server_uids
+
+    @property
+    def handlers(self) -> tuple[str, ...]:
+        """The names of the server's handlers."""
+        return tuple(self._handler_info)
+
+    def _is_raw(self, name: str) -> bool:
+        info = self._handler_info.get(name)
+        return info is not None and bool(info.get("raw"))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._handler_info:
+            raise AttributeError(
+                f"handler {name!r} clashes with a proxy attribute; use proxy.call({name!r}, ...)"
+            )
+        raise AttributeError(
+            f"the server at {self._path!r} has no handler {name!r}; it has: {sorted(self._handler_info)}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self._public_name} {self._path!r} handlers={sorted(self._handler_info)}>"
+
+
+def _request(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, Any]:
+    """Return the frame kind and payload that call handler ``name``.
+
+    CALL carries keyword arguments; without them the plainer MESSAGE does.
+    (:meth:`Proxy._call`, the hot path, inlines this.)
+    """
+    if kwargs:
+        return _CALL, (name, args, kwargs)
+    return _MESSAGE, (name, *args)
+
+
+def _unwrap(kind: int, reply: Any) -> Any:
+    """Return a call's result from its reply frame: the single value, or a tuple of several.
+
+    Raises:
+        RemoteError, UnknownMessage, ProtocolError: the server answered with an
+            ERROR frame; the connection is still in step.
+        ProtocolError: the frame is not a reply; the connection is out of step.
+    """
+    if kind == _MESSAGE and type(reply) is list:
+        return reply[0] if len(reply) == 1 else tuple(reply)
+    if kind == _ERROR:
+        raise error_from_payload(reply)
+    raise ProtocolError(f"expected a reply, the server sent a frame of kind {kind!r}")
+
+
+def _check_described(kind: int, described: Any) -> list[Any]:
+    """Return the handler descriptions from the server's answer to a DESCRIBE request.
+
+    Raises:
+        Error: the server answered with an ERROR frame: the error it sent.
+        ProtocolError: any other answer that is not a list of descriptions.
+    """
+    if kind == _ERROR:
+        raise error_from_payload(described)
+    if kind != _DESCRIBE or not isinstance(described, list):
+        raise ProtocolError(f"the server answered introspection with a frame of kind {kind!r}")
+    return described
+
+
 class _Connection:
     """One thread's connection of a proxy; closes it when the thread's locals go."""
 
@@ -49,7 +149,7 @@ class _Connection:
         self.channel.close()
 
 
-class Proxy:
+class Proxy(_ProxyBase):
     """Calls a server's handlers as methods: ``proxy.hello("Joe", "Dalton")``.
 
     Each handler is a method with the handler's name, signature and
@@ -65,31 +165,22 @@ class Proxy:
     :class:`Channel` for you to converse on and close.
     """
 
-    _handler_info: dict[str, dict[str, Any]] = {}
-
     def __init__(
         self,
-        socket_path: str,
+        socket_path: str | os.PathLike[str],
         password: str | bytes,
         *,
         timeout: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
         server_uids: Collection[int] | None = None,
     ) -> None:
-        self._path = socket_path
-        self._server_uids = server_uids
-        self._key = password_key(password)
-        self._timeout = timeout
-        self._limits = limits
+        super().__init__(
+            socket_path, password, timeout=timeout, limits=limits, server_uids=server_uids
+        )
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
-
-    @property
-    def handlers(self) -> tuple[str, ...]:
-        """The names of the server's handlers."""
-        return tuple(self._handler_info)
 
     def _channel(self) -> Channel:
         connection: _Connection | None = getattr(self._local, "connection", None)
@@ -131,8 +222,7 @@ class Proxy:
         For a raw handler this returns the :class:`Channel` to converse on,
         as its method does.
         """
-        info = self._handler_info.get(name)
-        if info is not None and info.get("raw"):
+        if self._is_raw(name):
             return self._open_raw(name, args, kwargs)
         return self._call(name, args, kwargs)
 
@@ -172,18 +262,14 @@ class Proxy:
                 channel.timeout = self._timeout
         if kind == _MESSAGE and type(reply) is list:
             return reply[0] if len(reply) == 1 else tuple(reply)
-        if kind == _ERROR:
-            raise error_from_payload(reply)
-        self._drop()
-        raise ProtocolError(f"expected a reply, the server sent a frame of kind {kind!r}")
+        if kind != _ERROR:
+            self._drop()  # not a reply: the connection is out of step
+        return _unwrap(kind, reply)
 
     def _open_raw(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Channel:
         channel = self._open()
         try:
-            if kwargs:
-                channel._send(_CALL, (name, args, kwargs))
-            else:
-                channel._send(_MESSAGE, (name, *args))
+            channel._send(*_request(name, args, kwargs))
         except BaseException:
             channel.close()
             raise
@@ -217,21 +303,6 @@ class Proxy:
     ) -> None:
         self.close()
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if name in self._handler_info:
-            raise AttributeError(
-                f"handler {name!r} clashes with a proxy attribute; use proxy.call({name!r}, ...)"
-            )
-        raise AttributeError(
-            f"the server at {self._path!r} has no handler {name!r}; it has: {sorted(self._handler_info)}"
-        )
-
-    def __repr__(self) -> str:
-        return f"<passrpc.Proxy {self._path!r} handlers={sorted(self._handler_info)}>"
-
-
 class _TimedProxy:
     """A proxy's methods with another time bound (see :meth:`Proxy.with_timeout`)."""
 
@@ -243,7 +314,7 @@ class _TimedProxy:
         return self._proxy._call(name, args, kwargs, self._timeout)
 
     def __getattr__(self, name: str) -> Any:
-        if name not in self._proxy._handler_info or self._proxy._handler_info[name]["raw"]:
+        if name not in self._proxy._handler_info or self._proxy._is_raw(name):
             return getattr(self._proxy, name)
         proxy, timeout = self._proxy, self._timeout
 
@@ -254,9 +325,6 @@ class _TimedProxy:
 
     def __dir__(self) -> list[str]:
         return dir(self._proxy)
-
-
-_RESERVED = frozenset(dir(Proxy)) | {"handlers"}
 
 
 def _signature(info: dict[str, Any]) -> inspect.Signature | None:
@@ -279,6 +347,16 @@ def _signature(info: dict[str, Any]) -> inspect.Signature | None:
         return None
 
 
+def _dress(method: Callable[..., Any], name: str, info: dict[str, Any]) -> Callable[..., Any]:
+    """Give a generated method the handler's name, docstring and signature."""
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = info.get("doc") or None
+    signature = _signature(info)
+    if signature is not None:
+        method.__signature__ = signature  # type: ignore[attr-defined]
+    return method
+
+
 def _method(name: str, info: dict[str, Any]) -> Callable[..., Any]:
     if info.get("raw"):
 
@@ -290,23 +368,48 @@ def _method(name: str, info: dict[str, Any]) -> Callable[..., Any]:
         def method(self: Proxy, *args: Any, **kwargs: Any) -> Any:
             return self._call(name, args, kwargs)
 
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = info.get("doc") or None
-    signature = _signature(info)
-    if signature is not None:
-        method.__signature__ = signature  # type: ignore[attr-defined]
-    return method
+    return _dress(method, name, info)
+
+
+_P = TypeVar("_P", bound=_ProxyBase)
+
+
+def _make_proxy_class(
+    base: type[_P],
+    described: list[Any],
+    make_method: Callable[[str, dict[str, Any]], Callable[..., Any]],
+) -> type[_P]:
+    """Make a subclass of ``base`` with one method, from ``make_method``, per described handler.
+
+    Handlers whose names are not identifiers, or clash with ``base``'s own
+    attributes, get no method (the proxy's ``call`` reaches them).
+
+    Raises:
+        ProtocolError: an entry of ``described`` is not a handler description.
+    """
+    info_by_name: dict[str, dict[str, Any]] = {}
+    namespace: dict[str, Any] = {"_handler_info": info_by_name}
+    reserved = frozenset(dir(base))  # a handler's method must not hide these
+    for info in described:
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+            raise ProtocolError(
+                f"the server described a handler as {info!r:.100}, which is not a handler "
+                "description: run the same passrpc version on both sides"
+            )
+        name = info["name"]
+        info_by_name[name] = info
+        if name.isidentifier() and not keyword.iskeyword(name) and name not in reserved:
+            namespace[name] = make_method(name, info)
+    return type(base.__name__, (base,), namespace)
 
 
 def proxy_class(described: list[dict[str, Any]]) -> type[Proxy]:
-    """Make a :class:`Proxy` subclass with one method per described handler."""
-    namespace: dict[str, Any] = {"_handler_info": {}}
-    for info in described:
-        name = info["name"]
-        namespace["_handler_info"][name] = info
-        if name.isidentifier() and not keyword.iskeyword(name) and name not in _RESERVED:
-            namespace[name] = _method(name, info)
-    return type("Proxy", (Proxy,), namespace)
+    """Make a :class:`Proxy` subclass with one method per described handler.
+
+    Raises:
+        ProtocolError: an entry of ``described`` is not a handler description.
+    """
+    return _make_proxy_class(Proxy, described, _method)
 
 
 def connect(
@@ -335,15 +438,16 @@ def connect(
         ConnectionClosed: nobody listens at ``socket_path``.
         AuthenticationError: wrong password, or a server of another user.
         Timeout: the server did not answer in time.
+        ProtocolError: the server's description of its handlers is malformed.
+        Error: the server answered the request for its description with an
+            error: that error.
     """
     path = os.fspath(socket_path)
     key = password_key(password)
     channel = open_channel(path, key, timeout=timeout, limits=limits, server_uids=server_uids)
     try:
         channel._send(_DESCRIBE, None)
-        kind, described = channel._receive()
-        if kind != _DESCRIBE or not isinstance(described, list):
-            raise ProtocolError(f"the server answered introspection with a frame of kind {kind!r}")
+        described = _check_described(*channel._receive())
         proxy = proxy_class(described)(
             path, password, timeout=timeout, limits=limits, server_uids=server_uids
         )
@@ -354,8 +458,14 @@ def connect(
     return proxy
 
 
-def _server_proxy(server: Server, *, timeout: float | None = None) -> Proxy:
-    cls = proxy_class(_describe(server._handlers))
+def _server_proxy(
+    server: Server,
+    *,
+    timeout: float | None = None,
+    make_class: Callable[[list[dict[str, Any]]], type[_ProxyBase]] = proxy_class,
+) -> Any:
+    """Return ``server.proxy()``; with aio's class factory, ``server.async_proxy()``."""
+    cls: Any = make_class(_describe(server._handlers))
     return cls(server.socket_path, server.password, timeout=timeout, limits=server._limits)
 
 

@@ -21,30 +21,37 @@ from __future__ import annotations
 
 import array
 import asyncio
-import errno
-import keyword
 import os
 import socket
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
-from ._auth import _RETRY_CONNECT, ClientHandshake, check_uid, default_uids, password_key
-from ._channel import _GONE, _SCM, Peer, _descriptors, peer_of
-from ._client import _signature
-from ._errors import (
-    ConfigurationError,
-    ConnectionClosed,
-    EncodeError,
-    FrameTooLarge,
-    ProtocolError,
-    Timeout,
+from ._auth import (
+    ClientHandshake,
+    _backoff,
+    _connect_once,
+    _handshake_payload,
+    check_server_uid,
+    password_key,
 )
-from ._server import Server, _describe, _proxy_factories
+from ._channel import _CTRUNC, _SCM, Peer, _os_error, _take_ancillary, peer_of
+from ._client import (
+    _check_described,
+    _dress,
+    _generation,
+    _make_proxy_class,
+    _ProxyBase,
+    _request,
+    _unwrap,
+)
+from ._client import _server_proxy as _make_server_proxy
+from ._errors import ConfigurationError, ConnectionClosed, EncodeError, ProtocolError, Timeout
+from ._server import Server, _proxy_factories
 from ._wire import DEFAULT_LIMITS, Decoder, Encoder, Kind, Limits, error_from_payload
 
 __all__ = [
@@ -61,19 +68,11 @@ __all__ = [
 DEFAULT_MAX_CONNECTIONS = 16
 
 _MESSAGE = int(Kind.MESSAGE)
-_CALL = int(Kind.CALL)
 _ERROR = int(Kind.ERROR)
 _HANDSHAKE = int(Kind.HANDSHAKE)
 _DESCRIBE = int(Kind.DESCRIBE)
 _NOSIGNAL = socket.MSG_NOSIGNAL
 _CLOEXEC = socket.MSG_CMSG_CLOEXEC
-_CTRUNC = socket.MSG_CTRUNC
-
-#: Backoff while a server's listen backlog is full (the kernel offers no event
-#: for "a slot is free"): start small, as the backlog usually drains in
-#: microseconds, and cap it so a waiting client notices a free slot soon.
-_CONNECT_FIRST_DELAY = 0.0005
-_CONNECT_MAX_DELAY = 0.05
 
 _UNSET: Any = object()
 
@@ -104,7 +103,39 @@ class _NotDelivered(ConnectionClosed):
     """The peer was gone before any byte of the frame left: sending it elsewhere is safe."""
 
 
-class AsyncChannel:
+_Closable = TypeVar("_Closable", bound="_AsyncClosing")
+
+
+class _AsyncClosing:
+    """``await aclose()`` and ``async with`` for an object whose ``close()`` is synchronous."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Close it: the same as ``close()``, for symmetry with other asyncio objects."""
+        self.close()
+
+    async def __aenter__(self: _Closable) -> _Closable:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _check_max_connections(max_connections: object) -> None:
+    if not isinstance(max_connections, int) or max_connections < 1:
+        raise ConfigurationError(
+            f"max_connections must be an int of at least 1, got {max_connections!r}"
+        )
+
+
+class AsyncChannel(_AsyncClosing):
     """One connected Unix socket that carries whole messages and descriptors, for asyncio.
 
     The coroutine twin of :class:`passrpc.Channel`: ``await write(*values)``
@@ -133,7 +164,7 @@ class AsyncChannel:
         self._decoder = Decoder(limits)
         self._ancbufsize = socket.CMSG_SPACE(limits.max_fds * 4) if limits.max_fds else 0
         self._closed = False
-        self._pid = os.getpid()
+        self._generation = _generation[0]  # the process (see passrpc._client) that opened it
         # One task at a time may send, and one receive: frames must not interleave.
         self._sending = self._receiving = False
         # The loop the socket is registered with for reading, and the waiting reader.
@@ -301,11 +332,11 @@ class AsyncChannel:
                     await self._wait_writable(deadline)
                     continue
                 except OSError as exc:
-                    if sent == 0 and fds and exc.errno == errno.EBADF and not self._closed:
-                        raise EncodeError(
-                            f"a descriptor in the message ({fds}) is not open; nothing was sent"
-                        ) from exc
-                    raise self._error(exc, "sending", delivered=sent > 0) from exc
+                    if sent:
+                        raise _os_error(exc, "sending", self._closed) from exc
+                    # Nothing left yet: a bad descriptor is the caller's, and a
+                    # peer that is gone never got the frame.
+                    raise _os_error(exc, "sending", self._closed, fds, _NotDelivered) from exc
                 if sent >= total:
                     return
                 await self._wait_writable(deadline)  # the send buffer is full: wait for room
@@ -359,30 +390,12 @@ class AsyncChannel:
             except BlockingIOError:
                 ready = False
             except OSError as exc:
-                raise self._error(exc, "receiving", delivered=True) from exc
-        fds = _descriptors(ancillary) if ancillary else []
-        if flags & _CTRUNC:
-            for fd in fds:
-                fd.close()
-            raise FrameTooLarge(
-                "the peer sent more descriptors with one message than this side's limit of "
-                f"{self._limits.max_fds}; they were closed: raise Limits.max_fds, or send fewer"
-            )
-        if not nbytes:
-            for fd in fds:
-                fd.close()
-            where = " in the middle of a message" if self._decoder.pending else ""
-            raise ConnectionClosed(f"the peer closed the connection{where}")
-        self._decoder.buffer_updated(nbytes, fds)
+                raise _os_error(exc, "receiving", self._closed) from exc
+        if ancillary or flags & _CTRUNC or not nbytes:
+            _take_ancillary(self._decoder, nbytes, ancillary, flags, self._limits.max_fds)
+        else:
+            self._decoder.buffer_updated(nbytes)
         return nbytes == len(buffer)
-
-    def _error(self, exc: OSError, doing: str, *, delivered: bool) -> ConnectionClosed:
-        if self._closed:
-            return ConnectionClosed("this channel was closed; open a new connection")
-        if exc.errno in _GONE:
-            cls = ConnectionClosed if delivered else _NotDelivered
-            return cls(f"the peer closed the connection ({exc.strerror})")
-        return ConnectionClosed(f"{doing} failed: {exc}; the connection is unusable")
 
     # Closing ----------------------------------------------------------------
 
@@ -413,27 +426,12 @@ class AsyncChannel:
         self._decoder.close()
         self._sock.close()
 
-    async def aclose(self) -> None:
-        """Close the channel (the same as :meth:`close`, for ``async with`` symmetry)."""
-        self.close()
-
-    async def __aenter__(self) -> AsyncChannel:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __del__(self) -> None:
         # Unreachable means no task waits on it. Unregister from the loop unless
         # this is a forked child's copy (the selector is shared with the parent).
         if getattr(self, "_closed", True):
             return
-        if self._pid == os.getpid():
+        if self._generation == _generation[0]:
             self._stop_reading()
         self._abandon()
 
@@ -442,50 +440,48 @@ class AsyncChannel:
         return f"<passrpc.aio.AsyncChannel {state}>"
 
 
-async def _open(path: str, key: bytes, limits: Limits, deadline: float | None) -> AsyncChannel:
+async def _open(
+    path: str,
+    key: bytes,
+    limits: Limits,
+    deadline: float | None,
+    server_uids: Collection[int] | None = None,
+    pool: _Pool | None = None,
+    *,
+    raw: bool = False,
+) -> AsyncChannel:
     """Connect to ``path`` and authenticate, all before ``deadline``.
 
+    With a ``pool``, the connection joins it (see :meth:`_Pool.add`) before
+    the handshake, so that closing the proxy fails this call at once; on
+    failure it leaves the pool again.
+
     Raises:
-        ConnectionClosed: nobody listens at ``path``.
+        ConnectionClosed: nobody listens at ``path``, or the pool was closed.
         AuthenticationError: wrong password, or a server of another user.
         Timeout: the listen backlog stayed full until the deadline.
         _Expired: the handshake did not finish before the deadline.
     """
-    loop = asyncio.get_running_loop()
-    delay = _CONNECT_FIRST_DELAY
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)  # a full backlog answers EAGAIN instead of blocking
-            sock.connect(path)
-            break
-        except OSError as exc:
-            sock.close()
-            if exc.errno not in _RETRY_CONNECT:
-                raise ConnectionClosed(
-                    f"cannot connect to the passrpc server at {path!r}: {exc.strerror}; "
-                    "is it running, and is this its socket path?"
-                ) from exc
-            if deadline is not None and loop.time() + delay > deadline:
-                raise Timeout(
-                    f"the server at {path!r} kept its listen backlog full until the timeout"
-                ) from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _CONNECT_MAX_DELAY)
+    waits = _backoff(path, deadline, asyncio.get_running_loop().time)
+    while (sock := _connect_once(path)) is None:
+        await asyncio.sleep(next(waits))
+        if pool is not None:
+            pool.check()  # closed while this call waited for room in the backlog
     channel = AsyncChannel(sock, limits=limits)
     try:
-        check_uid(channel.peer, default_uids(), "server")
+        if pool is not None:
+            pool.add(channel, raw=raw)
+        check_server_uid(channel.peer, server_uids)
         steps = ClientHandshake(key)
         await channel._send_payload(_HANDSHAKE, steps.hello(), deadline)
         kind, payload = await channel._receive(deadline, wait_first=True)
-        if kind == _ERROR:
-            raise error_from_payload(payload)
-        if kind != _HANDSHAKE:
-            raise ProtocolError(f"handshake: expected a handshake frame, got kind {kind!r}")
+        answer = steps.answer(_handshake_payload(kind, payload, from_server=True))
         # The client may send its first request right behind its proof.
-        await channel._send_payload(_HANDSHAKE, steps.answer(payload), deadline)
+        await channel._send_payload(_HANDSHAKE, answer, deadline)
     except BaseException:
         channel.close()
+        if pool is not None:
+            pool.forget(channel)
         raise
     return channel
 
@@ -521,25 +517,30 @@ class _Pool:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.idle: list[AsyncChannel] = []
+        #: Every pooled connection, from the moment its socket connects.
         self.channels: set[AsyncChannel] = set()
+        #: Raw handlers' connections, until their first message is out.
+        self.raw: set[AsyncChannel] = set()
         self.slots = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.closed = False
-        self.pid = os.getpid()
+        self.generation = _generation[0]
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Raise ConnectionClosed if the proxy was closed; start afresh in a forked child."""
         if self.closed:
             raise ConnectionClosed("this proxy was closed; make a new one")
-        if os.getpid() != self.pid:
+        if self.generation != _generation[0]:
             # A forked child: the connections are its parent's, and so is the
             # selector they may be registered with. Drop our copies quietly.
-            for channel in self.channels:
+            for channel in (*self.channels, *self.raw):
                 channel._abandon()
             self.idle.clear()
             self.channels.clear()
+            self.raw.clear()
             self.waiters.clear()
             self.slots = 0
-            self.pid = os.getpid()
+            self.generation = _generation[0]
 
     async def acquire(self, deadline: float | None) -> AsyncChannel | None:
         """Take a slot, waiting for one if all are taken; return an idle connection or None.
@@ -548,7 +549,7 @@ class _Pool:
             _Expired: no slot came free before ``deadline``.
             ConnectionClosed: the proxy was closed.
         """
-        self._check()
+        self.check()
         if self.slots < self.cap and not self.waiters:
             self.slots += 1
             return self.idle.pop() if self.idle else None
@@ -572,9 +573,22 @@ class _Pool:
                 timer.cancel()
         return self.idle.pop() if self.idle else None
 
-    def add(self, channel: AsyncChannel) -> None:
-        """Track a connection just opened (by a caller holding a slot)."""
-        self.channels.add(channel)
+    def add(self, channel: AsyncChannel, *, raw: bool = False) -> None:
+        """Track a connection as soon as it connects, so that :meth:`close` reaches it.
+
+        A pooled one is opened by a caller holding a slot; a ``raw`` one is
+        tracked only until its first message is out (then :meth:`forget`).
+
+        Raises:
+            ConnectionClosed: the proxy was closed (the caller closes ``channel``).
+        """
+        self.check()
+        (self.raw if raw else self.channels).add(channel)
+
+    def forget(self, channel: AsyncChannel) -> None:
+        """Stop tracking a connection (closed, or a raw one handed over)."""
+        self.channels.discard(channel)
+        self.raw.discard(channel)
 
     def release(self, channel: AsyncChannel | None) -> None:
         """Give a slot back, with its connection to reuse if it is still good."""
@@ -593,14 +607,16 @@ class _Pool:
     def discard(self, channel: AsyncChannel) -> None:
         """Close a connection that must not carry another call."""
         channel.close()
-        self.channels.discard(channel)
+        self.forget(channel)
 
     def close(self) -> None:
+        """Close every connection, opening or open; fail every waiting caller."""
         self.closed = True
-        channels, self.channels = self.channels, set()
+        channels = (*self.channels, *self.raw)
+        self.channels, self.raw = set(), set()
         self.idle.clear()
         for channel in channels:
-            channel.close()
+            channel.close()  # a task waiting on it gets ConnectionClosed
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done() and not waiter.get_loop().is_closed():
@@ -621,7 +637,7 @@ class _Pool:
 # The proxy ------------------------------------------------------------------
 
 
-class AsyncProxy:
+class AsyncProxy(_ProxyBase, _AsyncClosing):
     """Calls a server's handlers as coroutines: ``await proxy.hello("Joe", "Dalton")``.
 
     Each handler is a coroutine method with the handler's name, signature and
@@ -650,9 +666,14 @@ class AsyncProxy:
             connection, connecting, sending, the reply); None waits forever.
         limits: what the server may send (:class:`passrpc.Limits`).
         max_connections: connections kept open at most.
+        server_uids: the uids the server may run as; None means this
+            process's own uid or root, so a stranger's socket is refused.
+
+    Raises:
+        ConfigurationError: ``max_connections`` is not a positive int.
     """
 
-    _handler_info: dict[str, dict[str, Any]] = {}
+    _public_name = "passrpc.aio.AsyncProxy"
 
     def __init__(
         self,
@@ -662,24 +683,16 @@ class AsyncProxy:
         timeout: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        server_uids: Collection[int] | None = None,
     ) -> None:
-        if not isinstance(max_connections, int) or max_connections < 1:
-            raise ConfigurationError(
-                f"max_connections must be an int of at least 1, got {max_connections!r}"
-            )
-        self._path = os.fspath(socket_path)
-        self._key = password_key(password)
-        self._timeout = timeout
-        self._limits = limits
+        _check_max_connections(max_connections)
+        super().__init__(
+            socket_path, password, timeout=timeout, limits=limits, server_uids=server_uids
+        )
         # Encoding is synchronous and happens before a connection is taken, so
         # one encoder serves every task of the loop.
         self._encoder = Encoder(limits)
         self._pool = _Pool(max_connections)
-
-    @property
-    def handlers(self) -> tuple[str, ...]:
-        """The names of the server's handlers."""
-        return tuple(self._handler_info)
 
     def statistics(self) -> PoolStatistics:
         """Return a snapshot of the connection pool (see :class:`PoolStatistics`)."""
@@ -694,20 +707,18 @@ class AsyncProxy:
             return await self._open_raw(name, args, kwargs)
         return await self._call(name, args, kwargs)
 
-    def _is_raw(self, name: str) -> bool:
-        info = self._handler_info.get(name)
-        return info is not None and bool(info.get("raw"))
-
     def _encode(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bytes, bytes, list[int]]:
-        if kwargs:
-            return self._encoder.encode(_CALL, (name, args, kwargs))
-        return self._encoder.encode(_MESSAGE, (name, *args))
+        return self._encoder.encode(*_request(name, args, kwargs))
 
-    async def _connect(self, deadline: float | None) -> AsyncChannel:
-        channel = await _open(self._path, self._key, self._limits, deadline)
-        self._pool.add(channel)
+    async def _connect(self, deadline: float | None, *, raw: bool = False) -> AsyncChannel:
+        pool = self._pool
+        channel = await _open(
+            self._path, self._key, self._limits, deadline, self._server_uids, pool, raw=raw
+        )
+        if pool.closed:  # closed as the handshake ended (the channel is closed with it)
+            raise ConnectionClosed("this proxy was closed; make a new one")
         return channel
 
     async def _call(
@@ -742,6 +753,11 @@ class AsyncProxy:
                 channel = await self._connect(deadline)
                 await channel._send(header, body, fds, deadline)
             kind, reply = await channel._receive(deadline, wait_first=True)
+        except EncodeError:
+            # A descriptor that is not open: refused before any byte left, so
+            # the connection is still in step and goes back to the pool.
+            pool.release(channel)
+            raise
         except BaseException as exc:
             # Cancelled, timed out or broken: whatever is left on this
             # connection (a late reply) must never answer another call.
@@ -753,19 +769,17 @@ class AsyncProxy:
                     f"calling {name!r} took longer than the timeout of {timeout} s; its "
                     "connection was closed, so a late reply cannot answer another call"
                 ) from None
+            if pool.closed and isinstance(exc, ConnectionClosed):
+                raise ConnectionClosed(
+                    f"the proxy was closed while calling {name!r}; make a new one"
+                ) from exc
             raise
-        return self._reply(pool, channel, kind, reply)
-
-    def _reply(self, pool: _Pool, channel: AsyncChannel, kind: int, reply: Any) -> Any:
-        if kind == _MESSAGE and type(reply) is list:
-            pool.release(channel)
-            return reply[0] if len(reply) == 1 else tuple(reply)
-        if kind == _ERROR:
-            pool.release(channel)  # the call failed, the connection is fine
-            raise error_from_payload(reply)
-        pool.discard(channel)
-        pool.release(None)
-        raise ProtocolError(f"expected a reply, the server sent a frame of kind {kind!r}")
+        if kind == _ERROR or (kind == _MESSAGE and type(reply) is list):
+            pool.release(channel)  # a reply, or the handler's error: still in step
+        else:
+            pool.discard(channel)
+            pool.release(None)
+        return _unwrap(kind, reply)
 
     async def _open_raw(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = _UNSET
@@ -773,20 +787,30 @@ class AsyncProxy:
         if timeout is _UNSET:
             timeout = self._timeout
         header, body, fds = self._encode(name, args, kwargs)
-        if self._pool.closed:
-            raise ConnectionClosed("this proxy was closed; make a new one")
+        pool = self._pool
+        pool.check()
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
-            channel = await _open(self._path, self._key, self._limits, deadline)
+            # Tracked by the pool until the first message is out, so that
+            # closing the proxy fails this call at once.
+            channel = await self._connect(deadline, raw=True)
             try:
                 await channel._send(header, body, fds, deadline)
             except BaseException:
                 channel.close()
                 raise
+            finally:
+                pool.forget(channel)  # from here on the caller owns it
         except _Expired:
             raise Timeout(
                 f"opening a connection for raw handler {name!r} took longer than {timeout} s"
             ) from None
+        except ConnectionClosed as exc:
+            if pool.closed:
+                raise ConnectionClosed(
+                    f"the proxy was closed while opening a connection for {name!r}; make a new one"
+                ) from exc
+            raise
         return channel
 
     def with_timeout(self, timeout: float | None) -> _TimedAsyncProxy:
@@ -801,38 +825,10 @@ class AsyncProxy:
     def close(self) -> None:
         """Close every connection; calls in flight and later calls raise ConnectionClosed.
 
-        Call it from the event loop's thread (or when no loop runs).
+        A call still connecting or authenticating fails at once too. Call it
+        from the event loop's thread (or when no loop runs).
         """
         self._pool.close()
-
-    async def aclose(self) -> None:
-        """Close the proxy (the same as :meth:`close`, for ``async with`` symmetry)."""
-        self.close()
-
-    async def __aenter__(self) -> AsyncProxy:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if name in self._handler_info:
-            raise AttributeError(
-                f"handler {name!r} clashes with a proxy attribute; use proxy.call({name!r}, ...)"
-            )
-        raise AttributeError(
-            f"the server at {self._path!r} has no handler {name!r}; it has: {sorted(self._handler_info)}"
-        )
-
-    def __repr__(self) -> str:
-        return f"<passrpc.aio.AsyncProxy {self._path!r} handlers={sorted(self._handler_info)}>"
 
 
 class _TimedAsyncProxy:
@@ -870,9 +866,6 @@ class _TimedAsyncProxy:
         return dir(self._proxy)
 
 
-_RESERVED = frozenset(dir(AsyncProxy)) | {"handlers"}
-
-
 def _method(name: str, info: dict[str, Any]) -> Callable[..., Any]:
     if info.get("raw"):
 
@@ -884,12 +877,7 @@ def _method(name: str, info: dict[str, Any]) -> Callable[..., Any]:
         async def method(self: AsyncProxy, *args: Any, **kwargs: Any) -> Any:
             return await self._call(name, args, kwargs)
 
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = info.get("doc") or None
-    signature = _signature(info)
-    if signature is not None:
-        method.__signature__ = signature  # type: ignore[attr-defined]
-    return method
+    return _dress(method, name, info)
 
 
 def async_proxy_class(described: list[dict[str, Any]]) -> type[AsyncProxy]:
@@ -898,15 +886,7 @@ def async_proxy_class(described: list[dict[str, Any]]) -> type[AsyncProxy]:
     Raises:
         ProtocolError: an entry of ``described`` is not a handler description.
     """
-    namespace: dict[str, Any] = {"_handler_info": {}}
-    for info in described:
-        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
-            raise ProtocolError(f"the server described a handler as {info!r:.100}")
-        name = info["name"]
-        namespace["_handler_info"][name] = info
-        if name.isidentifier() and not keyword.iskeyword(name) and name not in _RESERVED:
-            namespace[name] = _method(name, info)
-    return type("AsyncProxy", (AsyncProxy,), namespace)
+    return _make_proxy_class(AsyncProxy, described, _method)
 
 
 async def connect(
@@ -916,6 +896,7 @@ async def connect(
     timeout: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    server_uids: Collection[int] | None = None,
 ) -> AsyncProxy:
     """Connect to a passrpc server and return an asyncio proxy of its handlers.
 
@@ -930,28 +911,34 @@ async def connect(
             forever.
         limits: what the server may send.
         max_connections: connections the proxy keeps open at most.
+        server_uids: the uids the server may run as; None means this
+            process's own uid or root, so a stranger's socket is refused.
 
     Raises:
+        ConfigurationError: ``max_connections`` is not a positive int (before any I/O).
         ConnectionClosed: nobody listens at ``socket_path``.
         AuthenticationError: wrong password, or a server of another user.
         Timeout: the server did not answer in time.
+        ProtocolError: the server's description of its handlers is malformed.
+        Error: the server answered the request for its description with an
+            error: that error.
     """
+    _check_max_connections(max_connections)
     path = os.fspath(socket_path)
     key = password_key(password)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
-        channel = await _open(path, key, limits, deadline)
+        channel = await _open(path, key, limits, deadline, server_uids)
         try:
             await channel._send_payload(_DESCRIBE, None, deadline)
-            kind, described = await channel._receive(deadline, wait_first=True)
-            if kind == _ERROR:
-                raise error_from_payload(described)
-            if kind != _DESCRIBE or not isinstance(described, list):
-                raise ProtocolError(
-                    f"the server answered introspection with a frame of kind {kind!r}"
-                )
+            described = _check_described(*await channel._receive(deadline, wait_first=True))
             proxy = async_proxy_class(described)(
-                path, password, timeout=timeout, limits=limits, max_connections=max_connections
+                path,
+                password,
+                timeout=timeout,
+                limits=limits,
+                max_connections=max_connections,
+                server_uids=server_uids,
             )
         except BaseException:
             channel.close()
@@ -967,8 +954,8 @@ async def connect(
 
 
 def _server_proxy(server: Server, *, timeout: float | None = None) -> AsyncProxy:
-    cls = async_proxy_class(_describe(server._handlers))
-    return cls(server.socket_path, server.password, timeout=timeout, limits=server._limits)
+    proxy: AsyncProxy = _make_server_proxy(server, timeout=timeout, make_class=async_proxy_class)
+    return proxy
 
 
 _proxy_factories["async"] = _server_proxy  # also reached lazily through _client

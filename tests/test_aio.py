@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -17,18 +18,22 @@ import pytest
 import passrpc
 from passrpc import (
     AuthenticationError,
+    ConfigurationError,
     ConnectionClosed,
     EncodeError,
     FileDescriptor,
+    ProtocolError,
     RemoteError,
     Server,
     Timeout,
     UnknownMessage,
 )
 from passrpc._server import _describe
+from passrpc._wire import ERROR_UNKNOWN_MESSAGE, Kind, error_payload
 from passrpc.aio import AsyncChannel, AsyncProxy
 
 from .conftest import open_fds
+from .test_client import answering_server, full_backlog
 
 T = TypeVar("T")
 
@@ -212,6 +217,27 @@ class TestCalls:
 
         run(main())
 
+    def test_descriptor_not_open_keeps_the_connection(self, server: Server) -> None:
+        """A descriptor that is not open raises EncodeError and leaves the healthy connection pooled."""
+
+        class NotOpen:
+            def fileno(self) -> int:
+                return max(open_fds()) + 1000  # above every open descriptor
+
+        async def main() -> None:
+            async with server.async_proxy() as proxy:
+                assert await proxy.echo(1) == 1
+                (channel,) = proxy._pool.idle
+                with pytest.raises(EncodeError, match="not open"):
+                    await proxy.read_all(NotOpen())
+                assert proxy._pool.idle == [channel]
+                assert not channel.closed
+                assert await proxy.echo(2) == 2
+                stats = proxy.statistics()
+                assert (stats.connections, stats.calls_in_flight) == (1, 0)
+
+        run(main())
+
     def test_raw_handler_returns_an_async_channel(self, server: Server) -> None:
         """A raw handler's method opens a connection and hands over an AsyncChannel."""
 
@@ -356,7 +382,127 @@ class TestCancellationAndTimeouts:
         run(main())
 
 
+    @pytest.mark.parametrize("handler", ["echo", "chat"])
+    def test_close_fails_a_call_still_authenticating(
+        self, handler: str, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """Closing the proxy fails at once a call (pooled or raw) whose server accepted and never answers."""
+        path = str(sockdir / "silent.sock")
+        described = [{"name": "echo", "raw": False}, {"name": "chat", "raw": True}]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            listener.listen(1)
+            listener.setblocking(False)
+
+            async def main() -> None:
+                loop = asyncio.get_running_loop()
+                proxy = passrpc.aio.async_proxy_class(described)(path, "pw")  # no timeout
+                call = asyncio.ensure_future(proxy.call(handler, 1))
+                conn, _ = await asyncio.wait_for(loop.sock_accept(listener), WAIT)
+                with conn:
+                    # The client's hello arrived: it now waits for an answer that never comes.
+                    assert await asyncio.wait_for(loop.sock_recv(conn, 1), WAIT)
+                    assert not call.done()
+                    start = time.monotonic()
+                    proxy.close()
+                    with pytest.raises(ConnectionClosed, match="proxy was closed"):
+                        await asyncio.wait_for(call, WAIT)
+                    assert time.monotonic() - start < 1
+                    stats = proxy.statistics()
+                    assert (stats.connections, stats.calls_in_flight) == (0, 0)
+                    assert not proxy._pool.raw
+
+            run(main())
+
+    def test_close_fails_a_call_waiting_for_a_full_backlog(
+        self, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """Closing the proxy stops a call that retries a full listen backlog with no timeout."""
+        described = [{"name": "echo", "raw": False}]
+
+        async def main(path: str) -> None:
+            proxy = passrpc.aio.async_proxy_class(described)(path, "pw")  # no timeout
+            call = asyncio.ensure_future(proxy.echo(1))
+            for _ in range(5):
+                await asyncio.sleep(0)  # let it start retrying
+            assert not call.done()
+            start = time.monotonic()
+            proxy.close()
+            with pytest.raises(ConnectionClosed, match="proxy was closed"):
+                await asyncio.wait_for(call, WAIT)
+            assert time.monotonic() - start < 1
+
+        with full_backlog(sockdir) as path:
+            run(main(path))
+
+
 class TestConnecting:
+    def test_max_connections_is_checked_before_any_io(
+        self, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """connect() with a bad max_connections raises ConfigurationError, even with nobody listening."""
+
+        async def main() -> None:
+            with pytest.raises(ConfigurationError, match="max_connections"):
+                await passrpc.aio.connect(
+                    str(sockdir / "none.sock"), password="x", max_connections=0
+                )
+
+        run(main())
+
+    def test_server_uids_are_checked(self, server: Server) -> None:
+        """A server whose uid is not among server_uids is refused; an allowed uid is served."""
+        stranger = {os.getuid() + 12345}
+
+        async def main() -> None:
+            with pytest.raises(AuthenticationError, match="uid"):
+                await passrpc.aio.connect(
+                    server.socket_path, password=server.password, server_uids=stranger
+                )
+            async with proxy_for(server, server_uids=stranger) as refused:
+                with pytest.raises(AuthenticationError, match="uid"):
+                    await refused.echo(1)
+                with pytest.raises(AuthenticationError, match="uid"):
+                    await refused.chat("raw")
+            proxy = await passrpc.aio.connect(
+                server.socket_path, password=server.password, server_uids=[os.getuid()]
+            )
+            async with proxy:
+                assert proxy._server_uids == [os.getuid()]
+                assert await proxy.echo(1) == 1
+
+        run(main())
+
+    def test_connect_raises_the_error_the_server_answered_with(
+        self, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """An ERROR frame in answer to the description request raises that error."""
+        payload = error_payload(ERROR_UNKNOWN_MESSAGE, "UnknownMessage", "no describing here")
+
+        async def main(path: str) -> None:
+            with pytest.raises(UnknownMessage, match="no describing here"):
+                await passrpc.aio.connect(path, password="pw", timeout=WAIT)
+
+        with answering_server(sockdir, Kind.ERROR, payload) as path:
+            run(main(path))
+
+    def test_connect_refuses_a_malformed_description(
+        self, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """A description whose entries are not handler descriptions raises ProtocolError."""
+
+        async def main(path: str) -> None:
+            with pytest.raises(ProtocolError, match="not a handler description"):
+                await passrpc.aio.connect(path, password="pw", timeout=WAIT)
+
+        with answering_server(sockdir, Kind.DESCRIBE, [{"nom": "x"}]) as path:
+            run(main(path))
+
+    def test_repr_names_the_path_and_handlers(self) -> None:
+        """repr() shows the class, the socket path and the handlers' names."""
+        proxy = passrpc.aio.async_proxy_class([{"name": "b"}, {"name": "a"}])("/x.sock", "pw")
+        assert repr(proxy) == "<passrpc.aio.AsyncProxy '/x.sock' handlers=['a', 'b']>"
+
     def test_wrong_password_fails_promptly(self, server: Server) -> None:
         """A wrong password raises AuthenticationError at once, not after a timeout."""
 
@@ -383,20 +529,15 @@ class TestConnecting:
         self, sockdir: Any, no_fd_leak: None
     ) -> None:
         """A listener whose backlog stays full gives Timeout (after retrying), not ConnectionClosed."""
-        path = str(sockdir / "full.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            listener.bind(path)
-            listener.listen(0)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
-                first.connect(path)  # takes the only place in the queue
 
-                async def main() -> None:
-                    start = time.monotonic()
-                    with pytest.raises(Timeout, match="backlog"):
-                        await passrpc.aio.connect(path, password="x", timeout=0.3)
-                    assert time.monotonic() - start >= 0.2
+        async def main(path: str) -> None:
+            start = time.monotonic()
+            with pytest.raises(Timeout, match="backlog"):
+                await passrpc.aio.connect(path, password="x", timeout=0.3)
+            assert time.monotonic() - start >= 0.2
 
-                run(main())
+        with full_backlog(sockdir) as path:
+            run(main(path))
 
     def test_idle_connection_closed_by_the_server_is_replaced(self, no_fd_leak: None) -> None:
         """A pooled connection the server closed while idle is replaced; the call goes through."""

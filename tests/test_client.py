@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import passrpc
-from passrpc import ConnectionClosed, FileDescriptor, Server, Timeout, UnknownMessage
+from passrpc import (
+    AuthenticationError,
+    ConnectionClosed,
+    FileDescriptor,
+    ProtocolError,
+    Server,
+    Timeout,
+    UnknownMessage,
+)
+from passrpc._auth import default_uids, password_key, server_handshake
+from passrpc._client import proxy_class
+from passrpc._wire import ERROR_UNKNOWN_MESSAGE, Kind, error_payload
 
 from .test_server import wait_for
+
+#: Bound on any single wait in these tests: far above what a healthy run needs.
+WAIT = 10.0
 
 
 def make_server(**kwargs: object) -> Server:
@@ -217,6 +235,101 @@ class TestConnections:
         proxy.close()
         with pytest.raises(ConnectionClosed):
             proxy.echo(1)
+
+
+@contextlib.contextmanager
+def answering_server(sockdir: Path, kind: int, payload: Any) -> Iterator[str]:
+    """A one-connection stand-in for a server, password "pw": it answers the first request with ``(kind, payload)``."""
+    path = str(sockdir / "answering.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(WAIT)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with passrpc.Channel(conn, timeout=WAIT) as channel:
+                server_handshake(channel, password_key("pw"), default_uids())
+                channel._receive()
+                channel._send(kind, payload)
+                channel._receive()  # until the client hangs up
+        except (OSError, passrpc.Error):
+            pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield path
+    finally:
+        thread.join(WAIT)
+        listener.close()
+
+
+@contextlib.contextmanager
+def full_backlog(sockdir: Path) -> Iterator[str]:
+    """A listening socket whose only backlog place is taken, so that a connect answers EAGAIN."""
+    path = str(sockdir / "full.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(0)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+            first.connect(path)  # takes the only place in the queue
+            yield path
+
+
+class TestDescriptions:
+    def test_connect_raises_the_error_the_server_answered_with(
+        self, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """An ERROR frame in answer to the description request raises that error, not ProtocolError."""
+        payload = error_payload(ERROR_UNKNOWN_MESSAGE, "UnknownMessage", "no describing here")
+        with answering_server(sockdir, Kind.ERROR, payload) as path, pytest.raises(
+            UnknownMessage, match="no describing here"
+        ):
+            passrpc.connect(path, password="pw", timeout=WAIT)
+
+    def test_connect_refuses_a_malformed_description(
+        self, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """A description whose entries are not handler descriptions raises ProtocolError."""
+        with answering_server(sockdir, Kind.DESCRIBE, [{"nom": "x"}]) as path, pytest.raises(
+            ProtocolError, match="not a handler description"
+        ):
+            passrpc.connect(path, password="pw", timeout=WAIT)
+
+    @pytest.mark.parametrize("described", [[1], [{}], [{"name": 5}], [None]])
+    def test_proxy_class_refuses_malformed_entries(self, described: list[Any]) -> None:
+        """proxy_class raises ProtocolError, not KeyError or TypeError, on a malformed entry."""
+        with pytest.raises(ProtocolError, match="not a handler description"):
+            proxy_class(described)
+
+    def test_repr_names_the_path_and_handlers(self) -> None:
+        """repr() shows the class, the socket path and the handlers' names."""
+        proxy = proxy_class([{"name": "b"}, {"name": "a"}])("/x.sock", "pw")
+        assert repr(proxy) == "<passrpc.Proxy '/x.sock' handlers=['a', 'b']>"
+
+
+class TestConnecting:
+    def test_full_backlog_is_retried_until_the_timeout(
+        self, sockdir: Path, no_fd_leak: None
+    ) -> None:
+        """A listener whose backlog stays full gives Timeout after retrying, not ConnectionClosed."""
+        with full_backlog(sockdir) as path:
+            start = time.monotonic()
+            with pytest.raises(Timeout, match="backlog"):
+                passrpc.connect(path, password="x", timeout=0.3)
+            assert time.monotonic() - start >= 0.2
+
+    def test_server_uids_refuse_a_server_of_another_uid(self, server: Server) -> None:
+        """A server whose uid is not among server_uids is refused before any password proof."""
+        with pytest.raises(AuthenticationError, match="uid"):
+            passrpc.connect(
+                server.socket_path,
+                password=server.password,
+                timeout=WAIT,
+                server_uids={os.getuid() + 12345},
+            )
 
 
 def _peer_closed(channel: passrpc.Channel) -> bool:
