@@ -81,6 +81,14 @@ class _ProxyBase:
         info = self._handler_info.get(name)
         return info is not None and bool(info.get("raw"))
 
+    def _method_info(self, name: str) -> dict[str, Any] | None:
+        """The description of handler ``name`` if it has a generated method, else None.
+
+        A name that clashes with the proxy's own attributes has none.
+        """
+        info = self._handler_info.get(name)
+        return info if info is not None and name in type(self).__dict__ else None
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -311,10 +319,16 @@ class _TimedProxy:
         self._timeout = timeout
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        if self._proxy._is_raw(name):  # the raw channel, as from the proxy's own call()
+            return self._proxy._open_raw(name, args, kwargs)
         return self._proxy._call(name, args, kwargs, self._timeout)
 
     def __getattr__(self, name: str) -> Any:
-        if name not in self._proxy._handler_info or self._proxy._is_raw(name):
+        # Only a handler's generated method is timed; anything else (the
+        # proxy's own attributes, which win over clashing handler names, and
+        # raw handlers) is the proxy's.
+        info = self._proxy._method_info(name)
+        if info is None or info.get("raw"):
             return getattr(self._proxy, name)
         proxy, timeout = self._proxy, self._timeout
 

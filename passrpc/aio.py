@@ -844,8 +844,8 @@ class _TimedAsyncProxy:
         return await self._proxy._call(name, args, kwargs, self._timeout)
 
     def __getattr__(self, name: str) -> Any:
-        info = self._proxy._handler_info.get(name)
-        if info is None or name not in type(self._proxy).__dict__:
+        info = self._proxy._method_info(name)
+        if info is None:
             return getattr(self._proxy, name)
         proxy, timeout = self._proxy, self._timeout
         if info.get("raw"):

@@ -197,6 +197,16 @@ class TestConnections:
                 proxy.with_timeout(0.1).call("sleep", 0.5)
             assert proxy.echo("after") == "after"
 
+    def test_timed_view_routes_like_the_proxy(self, server: Server) -> None:
+        """A timed view's call() opens a raw handler's channel, and its attributes mirror the proxy's."""
+        with server.proxy(timeout=5) as proxy:
+            timed = proxy.with_timeout(5)
+            with timed.call("stream", 2) as channel:
+                assert [channel.read()[0] for _ in range(2)] == [0, 1]
+            assert timed.call("close", 41) == 42
+            assert timed.close == proxy.close  # the proxy's own, not the clashing handler
+            assert timed.hello("Joe")[1] == 1234
+
     def test_server_dying_mid_call_fails_at_once(self, server: Server) -> None:
         """A server killed during a call fails the call with ConnectionClosed, no hang."""
         with server.proxy() as proxy:
