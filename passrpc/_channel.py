@@ -14,7 +14,7 @@ import attrs
 
 from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError, Timeout
 from ._fd import FileDescriptor
-from ._wire import DEFAULT_LIMITS, Decoder, Encoder, Kind, Limits, error_from_payload
+from ._wire import DEFAULT_LIMITS, Buffer, Decoder, Encoder, Kind, Limits, error_from_payload
 
 _MESSAGE = int(Kind.MESSAGE)
 _ERROR = int(Kind.ERROR)
@@ -26,9 +26,6 @@ _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _PEERCRED = struct.Struct("3i")
 
-#: Below this size header and body are joined and sent with one sendall; a
-#: larger body goes out as a second buffer of sendmsg, never copied.
-_JOIN_BELOW = 64 * 1024
 
 #: errno values that mean the peer is gone rather than that we misused the socket.
 _GONE = frozenset(
@@ -90,7 +87,6 @@ class Channel:
         self._encode = self._encoder.encode
         self._next_frame = self._decoder.next_frame
         self._get_buffer = self._decoder.get_buffer
-        self._buffer_updated = self._decoder.buffer_updated
         self._sendall = sock.sendall
         self._recvmsg_into = sock.recvmsg_into
 
@@ -161,30 +157,24 @@ class Channel:
         raise ProtocolError(f"expected a message, the peer sent a frame of kind {kind!r}")
 
     def _send(self, kind: int, payload: Any) -> None:
-        header, body, fds = self._encode(kind, payload)
+        buffers, fds = self._encode(kind, payload)
         try:
-            if fds:
-                ancillary = [(*_SCM, array.array("i", fds))]
-                sent = self._sock.sendmsg([header, body], ancillary, _NOSIGNAL)
-                self._send_rest(header, body, sent)
-            elif len(body) < _JOIN_BELOW:
-                self._sendall(header + body, _NOSIGNAL)
+            if fds or len(buffers) > 1:
+                self._send_buffers(buffers, fds)
             else:
-                sent = self._sock.sendmsg([header, body], (), _NOSIGNAL)
-                self._send_rest(header, body, sent)
+                self._sendall(buffers[0], _NOSIGNAL)
         except OSError as exc:
-            if fds and exc.errno == errno.EBADF and not self._closed:
-                raise EncodeError(
-                    f"a descriptor in the message ({fds}) is not open; nothing was sent"
-                ) from exc
-            self._raise(exc, "sending")
+            self._raise(exc, "sending", fds)
 
-    def _send_rest(self, header: bytes, body: bytes, sent: int) -> None:
-        if sent < len(header):
-            self._sock.sendall(header[sent:], _NOSIGNAL)
-            sent = len(header)
-        if sent - len(header) < len(body):
-            self._sock.sendall(memoryview(body)[sent - len(header) :], _NOSIGNAL)
+    def _send_buffers(self, buffers: Sequence[Buffer], fds: Sequence[int]) -> None:
+        """Send a frame in pieces, its descriptors with the first byte."""
+        ancillary = [(*_SCM, array.array("i", fds))] if fds else []
+        sent = self._sock.sendmsg(buffers, ancillary, _NOSIGNAL)
+        if len(buffers) == 1 and sent == len(buffers[0]):
+            return  # the usual case: the whole frame went out at once
+        rest = _unsent(buffers, sent)
+        while rest:  # a signal or a timeout cut the send short: the rest, without descriptors
+            rest = _unsent(rest, self._sock.sendmsg(rest, [], _NOSIGNAL))
 
     def _receive(self) -> tuple[int, Any]:
         next_frame = self._next_frame
@@ -200,9 +190,9 @@ class Channel:
                 # Linux echoes MSG_CMSG_CLOEXEC in flags; only MSG_CTRUNC matters.
                 if ancillary or flags & _CTRUNC or not nbytes:
                     self._received_unusual(nbytes, ancillary, flags)
+                    frame = next_frame()
                 else:
-                    self._buffer_updated(nbytes)
-                frame = next_frame()
+                    frame = next_frame(nbytes)
         except ProtocolError:
             self.close()
             raise
@@ -246,6 +236,9 @@ class Channel:
         return f"<passrpc.Channel {state}>"
 
 
+_adopt = FileDescriptor._adopt  # the kernel's numbers need no checking
+
+
 def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[FileDescriptor]:
     """Take ownership of every descriptor in ``ancillary`` at once."""
     fds: list[FileDescriptor] = []
@@ -253,7 +246,7 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[FileDescriptor
         if (level, kind) == _SCM:
             numbers = array.array("i")
             numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
-            fds.extend(FileDescriptor(fd) for fd in numbers)
+            fds += [_adopt(fd) for fd in numbers]
     return fds
 
 
@@ -310,7 +303,22 @@ def _os_error(
     if closed:
         return ConnectionClosed("this channel was closed; open a new connection")
     if fds and exc.errno == errno.EBADF:
-        return EncodeError(f"a descriptor in the message ({list(fds)}) is not open; nothing was sent")
+        return EncodeError(
+            f"a descriptor in the message ({list(fds)}) is not open; nothing was sent"
+        )
     if exc.errno in _GONE:
         return gone(f"the peer closed the connection ({exc.strerror})")
     return ConnectionClosed(f"{doing} failed: {exc}; the connection is unusable")
+
+
+def _unsent(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
+    """What is left of ``buffers`` once their first ``sent`` bytes went out."""
+    rest: list[memoryview] = []
+    for buffer in buffers:
+        size = len(buffer) if not isinstance(buffer, memoryview) else buffer.nbytes
+        if sent >= size:
+            sent -= size
+            continue
+        rest.append(memoryview(buffer).cast("B")[sent:])
+        sent = 0
+    return rest

@@ -311,6 +311,7 @@ class Proxy(_ProxyBase):
     ) -> None:
         self.close()
 
+
 class _TimedProxy:
     """A proxy's methods with another time bound (see :meth:`Proxy.with_timeout`)."""
 

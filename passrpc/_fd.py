@@ -27,6 +27,13 @@ class FileDescriptor:
             raise ValueError(f"a file descriptor is a non-negative int, got {fd!r}")
         self._fd = fd
 
+    @classmethod
+    def _adopt(cls, fd: int) -> FileDescriptor:
+        """Own ``fd``, a number fresh from the kernel: no checks, for the receive path."""
+        self = cls.__new__(cls)
+        self._fd = fd
+        return self
+
     @property
     def closed(self) -> bool:
         """True once the descriptor was closed or detached."""

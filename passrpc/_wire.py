@@ -91,7 +91,18 @@ class Kind(enum.IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+#: What an encoder hands out to send: bytes, or a view of a caller's buffer.
+Buffer = bytes | bytearray | memoryview
+
 _NO_FDS: list[int] = []  # shared, never mutated: most frames carry no descriptors
+_BINARY = frozenset({bytes, bytearray, memoryview})
+_ARRAY3 = b"\x93"
+
+#: A bytes-like value at least this large, among a message's top-level values,
+#: is sent as a buffer of its own instead of being copied into the body (and
+#: out of msgpack's buffer again): at 64 KiB the copies start to cost more
+#: than the extra pieces do.
+_OUT_OF_LINE = 64 * 1024
 _MESSAGE = int(Kind.MESSAGE)
 
 
@@ -183,7 +194,7 @@ class Encoder:
         self._fds.append(fd)
         return _placeholder(len(self._fds) - 1)
 
-    def encode(self, kind: int, payload: Any) -> tuple[bytes, bytes, list[int]]:
+    def encode(self, kind: int, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
         """Encode one frame.
 
         Args:
@@ -192,14 +203,21 @@ class Encoder:
                 in it become descriptors of the frame.
 
         Returns:
-            ``(header, body, fds)``: send header and body in this order, and
-            the descriptor numbers with their first byte. The descriptors stay
-            owned by the objects they came from.
+            ``(buffers, fds)``: send the buffers in order, and the descriptor
+            numbers with their first byte. Usually one buffer holds the whole
+            frame; a message with a large bytes-like value among its top-level
+            values gets that value as a buffer of its own, never copied (keep
+            it unchanged until it is sent). The descriptors stay owned by the
+            objects they came from.
 
         Raises:
             EncodeError: a value cannot travel as msgpack; nothing is sent.
             FrameTooLarge: the body or the descriptor count is over the limit.
         """
+        if kind == _MESSAGE:
+            for value in payload:
+                if type(value) in _BINARY and len(value) >= _OUT_OF_LINE:
+                    return self._encode_out_of_line(payload)
         try:
             body = self._pack((kind, 0, payload))
         except (OverflowError, ValueError) as exc:
@@ -209,26 +227,84 @@ class Encoder:
             self._fds = []
             raise
         if self._fds:
-            return self._encode_with_fds(kind, payload)
+            body, fds = self._count_fds(body, kind, payload)
+        else:
+            fds = _NO_FDS
         if len(body) > self._max_frame:
             raise self._too_large(len(body))
-        return _pack_header(len(body)), body, _NO_FDS
+        return (_pack_header(len(body)) + body,), fds
 
-    def _encode_with_fds(self, kind: int, payload: Any) -> tuple[bytes, bytes, list[int]]:
-        # The count goes before the payload, so pack again now that it is known.
+    def _count_fds(self, body: bytes, kind: int, payload: Any) -> tuple[bytes, list[int]]:
+        """Write the descriptor count the body was packed without."""
         fds, self._fds = self._fds, []
         if len(fds) > self._limits.max_fds:
             raise FrameTooLarge(
                 f"a message carries {len(fds)} descriptors, over the limit of "
                 f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
             )
+        if len(fds) < 0x80:
+            # [kind, 0, ...] packs as 0x93, kind, 0x00: the count is byte 2, and
+            # a count below 128 is one byte too, so it is patched, not repacked.
+            return body[:2] + bytes((len(fds),)) + body[3:], fds
         try:
-            body = self._pack((kind, len(fds), payload))
+            return self._pack((kind, len(fds), payload)), fds
         finally:
             self._fds = []
+
+    def _encode_out_of_line(self, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
+        """A message with large binary values: each goes out as its own buffer, uncopied.
+
+        msgpack's bin format is a header and the raw bytes, so packing the
+        pieces around each large value and its bin header gives the very
+        bytes ``pack`` would, without copying megabytes twice on the way.
+        """
+        parts: list[Buffer] = []
+        pending = [_ARRAY3, bytes((_MESSAGE,)), b"\x00", _array_header(len(payload))]
+        try:
+            for value in payload:
+                if type(value) in _BINARY and len(value) >= _OUT_OF_LINE:
+                    view = memoryview(value)
+                    if not view.c_contiguous:
+                        raise EncodeError(
+                            "a memoryview to send must be C-contiguous; copy it first"
+                        )
+                    view = view.cast("B")
+                    pending.append(_bin_header(len(view)))
+                    parts.append(b"".join(pending))
+                    parts.append(view)
+                    pending = []
+                else:
+                    pending.append(self._pack(value))
+        except (OverflowError, ValueError) as exc:
+            self._fds = []
+            raise EncodeError(f"cannot encode the message: {exc}") from exc
+        except BaseException:
+            self._fds = []
+            raise
+        if pending:
+            parts.append(b"".join(pending))
+        fds, self._fds = self._fds, []
+        if fds:
+            if len(fds) >= 0x80:
+                return self._encode_with_copies(payload)
+            if len(fds) > self._limits.max_fds:
+                raise FrameTooLarge(
+                    f"a message carries {len(fds)} descriptors, over the limit of "
+                    f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
+                )
+            first = bytes(parts[0])  # always a joined bytes object: patch its count byte
+            parts[0] = first[:2] + bytes((len(fds),)) + first[3:]
+        size = sum(len(part) for part in parts)
+        if size > self._max_frame:
+            raise self._too_large(size)
+        return (_pack_header(size), *parts), fds or _NO_FDS
+
+    def _encode_with_copies(self, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
+        body = self._pack((_MESSAGE, 0, payload))
+        body, fds = self._count_fds(body, _MESSAGE, payload)
         if len(body) > self._max_frame:
             raise self._too_large(len(body))
-        return _HEADER.pack(len(body)), body, fds
+        return (_pack_header(len(body)) + body,), fds
 
     def _too_large(self, size: int) -> FrameTooLarge:
         return FrameTooLarge(
@@ -238,6 +314,22 @@ class Encoder:
         )
 
 
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + bytes((n,))
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 def encode_frame(
     kind: int, payload: Any, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[bytes, list[int]]:
@@ -245,8 +337,8 @@ def encode_frame(
 
     A convenience over :class:`Encoder` for tests and one-off frames.
     """
-    header, body, fds = Encoder(limits).encode(kind, payload)
-    return header + body, fds
+    buffers, fds = Encoder(limits).encode(kind, payload)
+    return b"".join(buffers), fds
 
 
 class Decoder:
@@ -267,10 +359,11 @@ class Decoder:
         self._end = 0  # end of the bytes received
         self._offset = 0  # stream offset of self._start, for error messages
         self._fds: deque[Descriptor] = deque()
-        self._used: set[int] | None = None
+        self._used: list[int] | None = None  # placeholders met in the frame being decoded
         self._broken: ProtocolError | None = None
         self._max_frame = limits.max_frame_size
         self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
+        self._hook = self._ext_hook  # bound once, not on every frame
         # msgpack's own length limits, only where the user set them: each
         # keyword costs time on every frame, and by default msgpack already
         # derives safe limits from the body's size.
@@ -285,6 +378,7 @@ class Decoder:
             )
             if getattr(limits, name) is not None
         }
+        self._plain = not self._options  # msgpack's defaults are our limits
 
     @property
     def pending(self) -> int:
@@ -375,16 +469,21 @@ class Decoder:
     def _ext_hook(self, code: int, data: bytes) -> object:
         if code != FD_EXT_CODE:
             return msgpack.ExtType(code, data)
-        index = int.from_bytes(data, "big")
+        index = data[0] if len(data) == 1 else int.from_bytes(data, "big")
         if not 1 <= len(data) <= 4 or index >= len(self._fds):
             raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
         if self._used is None:
-            self._used = set()
-        self._used.add(index)
+            self._used = [index]
+        else:
+            self._used.append(index)
         return self._fds[index]
 
-    def next_frame(self) -> tuple[int, Any] | None:
+    def next_frame(self, received: int = 0) -> tuple[int, Any] | None:
         """Return the next whole frame as ``(kind, payload)``, or None if more bytes are needed.
+
+        ``received`` counts bytes just written into :meth:`get_buffer`'s view:
+        ``next_frame(n)`` is ``buffer_updated(n)`` then ``next_frame()`` in one
+        call, which the read path of every message saves.
 
         Descriptors in the payload come back as the objects handed in with
         the bytes; the frame's descriptors that its payload does not mention
@@ -397,7 +496,8 @@ class Decoder:
         """
         # The hot path of every read: kept flat on purpose.
         start = self._start
-        end = self._end
+        end = self._end + received
+        self._end = end
         if end - start < HEADER_SIZE:
             if self._broken is not None:
                 raise self._broken
@@ -408,20 +508,43 @@ class Decoder:
         stop = start + HEADER_SIZE + length
         if stop > end:
             return None
-        try:
-            if self._options:
-                body = _unpackb(
-                    self._view[start + HEADER_SIZE : stop],
-                    strict_map_key=False,
-                    ext_hook=self._ext_hook,
-                    **self._options,
-                )
+        view = self._view[start + HEADER_SIZE : stop]
+        buf = self._buf
+        # Nearly every frame is a message without descriptors: its body begins
+        # 0x93 0x00 0x00, so it can only decode to [0, 0, payload], and with
+        # str map keys msgpack's defaults decode it. Calling unpackb without
+        # keywords, and checking nothing it already proved, costs a fraction
+        # of the general path; a map with other keys makes it raise
+        # ValueError, and the general path decodes (or refuses) the frame.
+        if (
+            self._plain
+            and length >= 3
+            and buf[start + HEADER_SIZE] == 0x93
+            and buf[start + 5] == 0
+            and buf[start + 6] == 0
+        ):
+            try:
+                payload = _unpackb(view)[2]
+            except ValueError:
+                pass
             else:
-                body = _unpackb(
-                    self._view[start + HEADER_SIZE : stop],
-                    strict_map_key=False,
-                    ext_hook=self._ext_hook,
-                )
+                self._offset += stop - start
+                if stop == end:
+                    self._start = self._end = 0
+                    if self._oversized:
+                        self._shrink()
+                else:
+                    self._start = stop
+                return _MESSAGE, payload
+        return self._next_general(start, stop, end, view)
+
+    def _next_general(self, start: int, stop: int, end: int, view: memoryview) -> tuple[int, Any]:
+        """Decode any frame, checking every field: the path of all but plain messages."""
+        # Only a frame that carries descriptors (byte 2 of its body is not 0)
+        # resolves placeholders; elsewhere extension type 1 is just an ExtType.
+        carries_fds = self._buf[start + 6] != 0 if stop - start >= HEADER_SIZE + 3 else True
+        try:
+            body = self._unpack_general(view, self._hook if carries_fds else None)
         except Exception as exc:  # msgpack raises ValueError and its own types
             raise self._fail(
                 ProtocolError(
@@ -445,15 +568,14 @@ class Decoder:
                 )
             )
         kind, nfds, payload = body
-        if (
-            nfds == 0
-            and kind == _MESSAGE
-            and self._used is None
-            and type(kind) is int
-            and type(nfds) is int
-        ):
-            return kind, payload
         return self._check_frame(offset, kind, nfds, payload)
+
+    def _unpack_general(self, view: memoryview, hook: Any) -> Any:
+        """Decode with every option; placeholders resolve only in frames that carry descriptors."""
+        self._used = None
+        if hook is None:
+            return _unpackb(view, strict_map_key=False, **self._options)
+        return _unpackb(view, strict_map_key=False, ext_hook=hook, **self._options)
 
     def _shrink(self) -> None:
         self._buf = bytearray(_INITIAL_BUFFER)
@@ -482,18 +604,21 @@ class Decoder:
                     f"{len(self._fds)} arrived with it"
                 )
             )
-        used, self._used = self._used or set(), None
-        if used and max(used) >= nfds:
+        used, self._used = self._used, None
+        if used is not None and max(used) >= nfds:
             raise self._fail(
                 ProtocolError(
                     f"frame at stream offset {offset} refers to descriptor {max(used)} "
                     f"but carries only {nfds}"
                 )
             )
-        for index in range(nfds):
-            fd = self._fds.popleft()
-            if index not in used:
-                fd.close()
+        popleft = self._fds.popleft
+        taken = [popleft() for _ in range(nfds)]
+        if used is None or len(used) < nfds or len(set(used)) < nfds:
+            mentioned = set(used or ())
+            for index, fd in enumerate(taken):
+                if index not in mentioned:
+                    fd.close()
         return kind, payload
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ import os
 import socket
 import weakref
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -39,7 +39,7 @@ from ._auth import (
     check_server_uid,
     password_key,
 )
-from ._channel import _CTRUNC, _SCM, Peer, _os_error, _take_ancillary, peer_of
+from ._channel import _CTRUNC, _SCM, Peer, _os_error, _take_ancillary, _unsent, peer_of
 from ._client import (
     _check_described,
     _dress,
@@ -52,7 +52,7 @@ from ._client import (
 from ._client import _server_proxy as _make_server_proxy
 from ._errors import ConfigurationError, ConnectionClosed, EncodeError, ProtocolError, Timeout
 from ._server import Server, _proxy_factories
-from ._wire import DEFAULT_LIMITS, Decoder, Encoder, Kind, Limits, error_from_payload
+from ._wire import DEFAULT_LIMITS, Buffer, Decoder, Encoder, Kind, Limits, error_from_payload
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -296,11 +296,11 @@ class AsyncChannel(_AsyncClosing):
     # Sending ----------------------------------------------------------------
 
     async def _send_payload(self, kind: int, payload: Any, deadline: float | None) -> None:
-        header, body, fds = self._encoder.encode(kind, payload)
-        await self._send(header, body, fds, deadline)
+        buffers, fds = self._encoder.encode(kind, payload)
+        await self._send(buffers, fds, deadline)
 
     async def _send(
-        self, header: bytes, body: bytes, fds: list[int], deadline: float | None
+        self, buffers: Sequence[Buffer], fds: list[int], deadline: float | None
     ) -> None:
         """Send one encoded frame, its descriptors with the first bytes.
 
@@ -315,19 +315,19 @@ class AsyncChannel(_AsyncClosing):
         if self._sending:
             raise RuntimeError("another task is writing to this channel; write from one at a time")
         self._sending = True
-        total = len(header) + len(body)
+        rest: Sequence[Buffer] = buffers
         sent = 0
         try:
             while True:
                 try:
                     if sent == 0:
                         ancillary = [(*_SCM, array.array("i", fds))] if fds else []
-                        sent = self._sock.sendmsg([header, body], ancillary, _NOSIGNAL)
-                    elif sent < len(header):
-                        sent += self._sock.sendmsg([header[sent:], body], [], _NOSIGNAL)
+                        sent = self._sock.sendmsg(buffers, ancillary, _NOSIGNAL)
+                        rest = _unsent(buffers, sent)
                     else:
-                        rest = memoryview(body)[sent - len(header) :]
-                        sent += self._sock.sendmsg([rest], [], _NOSIGNAL)
+                        n = self._sock.sendmsg(rest, [], _NOSIGNAL)
+                        sent += n
+                        rest = _unsent(rest, n)
                 except BlockingIOError:
                     await self._wait_writable(deadline)
                     continue
@@ -337,11 +337,11 @@ class AsyncChannel(_AsyncClosing):
                     # Nothing left yet: a bad descriptor is the caller's, and a
                     # peer that is gone never got the frame.
                     raise _os_error(exc, "sending", self._closed, fds, _NotDelivered) from exc
-                if sent >= total:
+                if not rest:
                     return
                 await self._wait_writable(deadline)  # the send buffer is full: wait for room
         except BaseException:
-            if 0 < sent < total:
+            if sent and rest:
                 self.close()  # half a frame is out: the stream is unusable
             raise
         finally:
@@ -709,7 +709,7 @@ class AsyncProxy(_ProxyBase, _AsyncClosing):
 
     def _encode(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[bytes, bytes, list[int]]:
+    ) -> tuple[tuple[Buffer, ...], list[int]]:
         return self._encoder.encode(*_request(name, args, kwargs))
 
     async def _connect(self, deadline: float | None, *, raw: bool = False) -> AsyncChannel:
@@ -726,7 +726,7 @@ class AsyncProxy(_ProxyBase, _AsyncClosing):
     ) -> Any:
         if timeout is _UNSET:
             timeout = self._timeout
-        header, body, fds = self._encode(name, args, kwargs)  # fails before any I/O
+        buffers, fds = self._encode(name, args, kwargs)  # fails before any I/O
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         pool = self._pool
         try:
@@ -741,7 +741,7 @@ class AsyncProxy(_ProxyBase, _AsyncClosing):
             if channel is None:
                 channel = await self._connect(deadline)
             try:
-                await channel._send(header, body, fds, deadline)
+                await channel._send(buffers, fds, deadline)
             except _NotDelivered:
                 if not reused:
                     raise
@@ -751,7 +751,7 @@ class AsyncProxy(_ProxyBase, _AsyncClosing):
                 pool.discard(channel)
                 channel = None
                 channel = await self._connect(deadline)
-                await channel._send(header, body, fds, deadline)
+                await channel._send(buffers, fds, deadline)
             kind, reply = await channel._receive(deadline, wait_first=True)
         except EncodeError:
             # A descriptor that is not open: refused before any byte left, so
@@ -786,7 +786,7 @@ class AsyncProxy(_ProxyBase, _AsyncClosing):
     ) -> AsyncChannel:
         if timeout is _UNSET:
             timeout = self._timeout
-        header, body, fds = self._encode(name, args, kwargs)
+        buffers, fds = self._encode(name, args, kwargs)
         pool = self._pool
         pool.check()
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
@@ -795,7 +795,7 @@ class AsyncProxy(_ProxyBase, _AsyncClosing):
             # closing the proxy fails this call at once.
             channel = await self._connect(deadline, raw=True)
             try:
-                await channel._send(header, body, fds, deadline)
+                await channel._send(buffers, fds, deadline)
             except BaseException:
                 channel.close()
                 raise

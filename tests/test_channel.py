@@ -61,6 +61,22 @@ class TestMessages:
         assert b.read() == ("blob", blob)
         writer.join()
 
+    def test_large_value_with_a_descriptor_in_pieces(self, pair) -> None:
+        """A large value and a descriptor cross whole though the send goes out in pieces."""
+        a, b = pair  # with a timeout, sendmsg returns after what fits: partial sends
+        blob = os.urandom(4 << 20)
+        r, w = os.pipe()
+        with FileDescriptor(r) as read_end:
+            writer = threading.Thread(target=a.write, args=("blob", blob, read_end, bytearray(blob)))
+            writer.start()
+            name, got, fd, again = b.read()
+            writer.join()
+        assert (name, got, again) == ("blob", blob, blob)
+        os.write(w, b"!")
+        assert os.read(fd.fileno(), 1) == b"!"
+        fd.close()
+        os.close(w)
+
     def test_error_frame_is_raised_by_read(self, pair) -> None:
         """A peer's error frame comes out of read() as the matching exception."""
         a, b = pair

@@ -138,6 +138,14 @@ class TestRoundTrip:
         assert fds[1].closed
         assert not fds[0].closed
 
+    def test_placeholder_in_a_frame_without_descriptors_is_an_ext_type(self) -> None:
+        """Extension code 1 means a descriptor only in a frame that carries descriptors."""
+        data = frame(Kind.MESSAGE, 0, ["x", msgpack.ExtType(FD_EXT_CODE, b"\x00")])
+        early = FakeFd(1)  # a later frame's descriptor, already received
+        assert decode_all(data, [early]) == [
+            (Kind.MESSAGE, ["x", msgpack.ExtType(FD_EXT_CODE, b"\x00")])
+        ]
+
     def test_users_extension_types_pass_through(self) -> None:
         """Extension types under other codes are not mistaken for descriptors."""
         data, _ = encode_frame(Kind.MESSAGE, ("x", msgpack.ExtType(42, b"abc")))
@@ -246,7 +254,7 @@ class TestGarbage:
             (msgpack.packb([0, -1, []]), "descriptor count"),
             (msgpack.packb([0, 2, []]), "only 0 arrived"),
             (
-                msgpack.packb([0, 0, [msgpack.ExtType(FD_EXT_CODE, b"\x00")]]),
+                msgpack.packb([0, 1, [msgpack.ExtType(FD_EXT_CODE, b"\x00")]]),
                 "refers to no descriptor",
             ),
             (msgpack.packb([0, 0, []]) + b"\x00", "not valid"),  # trailing bytes
@@ -306,5 +314,39 @@ class TestGarbage:
         encoder = Encoder()
         with pytest.raises(EncodeError):
             encoder.encode(Kind.MESSAGE, (FakeFd(3), object()))
-        _, _, fds = encoder.encode(Kind.MESSAGE, ("ok",))
+        _, fds = encoder.encode(Kind.MESSAGE, ("ok",))
         assert fds == []
+
+
+class TestLargeValuesAndDescriptorCounts:
+    @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+    def test_out_of_line_value_gives_the_same_bytes(self, kind: type) -> None:
+        """A large top-level binary value, sent as its own buffer, makes the very same frame."""
+        blob = bytes(range(256)) * 1024  # 256 KiB
+        message = ("echo", 1, kind(blob), {"k": [1, 2]}, kind(blob[:70000]))
+        buffers, fds = Encoder().encode(Kind.MESSAGE, message)
+        assert fds == []
+        assert len(buffers) > 1
+        expected = frame(Kind.MESSAGE, 0, ["echo", 1, blob, {"k": [1, 2]}, blob[:70000]])
+        assert b"".join(bytes(b) for b in buffers) == expected
+        assert decode_all(expected) == [(Kind.MESSAGE, ["echo", 1, blob, {"k": [1, 2]}, blob[:70000]])]
+
+    def test_out_of_line_value_with_descriptors(self) -> None:
+        """Descriptors in a message with a large value are counted and placed."""
+        blob = b"z" * 100_000
+        buffers, fds = Encoder().encode(Kind.MESSAGE, ("x", FakeFd(7), blob, [FakeFd(8)]))
+        assert fds == [7, 8]
+        got = [FakeFd(70), FakeFd(80)]
+        [(_, payload)] = decode_all(b"".join(bytes(b) for b in buffers), got)
+        assert payload == ["x", got[0], blob, [got[1]]]
+
+    @pytest.mark.parametrize("nfds", [1, 127, 128, 200])
+    def test_descriptor_count_is_written_for_any_count(self, nfds: int) -> None:
+        """Counts below 128 are patched in place, larger ones repacked: both decode."""
+        limits = Limits(max_fds=253)
+        sent = [FakeFd(i) for i in range(nfds)]
+        data, numbers = encode_frame(Kind.MESSAGE, ("fds", sent), limits)
+        assert numbers == list(range(nfds))
+        got = [FakeFd(1000 + i) for i in range(nfds)]
+        [(_, payload)] = decode_all(data, got, limits)
+        assert payload == ["fds", got]
