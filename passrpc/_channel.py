@@ -86,7 +86,6 @@ class Channel:
         # Bound once: the read and write paths below run for every message.
         self._encode = self._encoder.encode
         self._next_frame = self._decoder.next_frame
-        self._get_buffer = self._decoder.get_buffer
         self._sendall = sock.sendall
         self._recvmsg_into = sock.recvmsg_into
 
@@ -178,12 +177,20 @@ class Channel:
 
     def _receive(self) -> tuple[int, Any]:
         next_frame = self._next_frame
+        decoder = self._decoder
         try:
-            frame = next_frame()
-            while frame is None:
+            # The read path of every message. The decoder's fill mark (_end) is
+            # 0 when it holds nothing: then its whole buffer (_view) is the
+            # place to read into, and asking it for a frame first is pointless.
+            if decoder._end:
+                frame = next_frame()
+                if frame is not None:
+                    return frame
+            while True:
+                buffer = decoder._view if decoder._end == 0 else decoder.get_buffer()
                 try:
                     nbytes, ancillary, flags, _ = self._recvmsg_into(
-                        [self._get_buffer()], self._ancbufsize, _CLOEXEC
+                        [buffer], self._ancbufsize, _CLOEXEC
                     )
                 except OSError as exc:
                     self._raise(exc, "receiving")
@@ -193,10 +200,11 @@ class Channel:
                     frame = next_frame()
                 else:
                     frame = next_frame(nbytes)
+                if frame is not None:
+                    return frame
         except ProtocolError:
             self.close()
             raise
-        return frame
 
     def _received_unusual(
         self, nbytes: int, ancillary: list[tuple[int, int, bytes]], flags: int

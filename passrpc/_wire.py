@@ -97,6 +97,7 @@ Buffer = bytes | bytearray | memoryview
 _NO_FDS: list[int] = []  # shared, never mutated: most frames carry no descriptors
 _BINARY = frozenset({bytes, bytearray, memoryview})
 _ARRAY3 = b"\x93"
+_PLAIN_MESSAGE = b"\x93\x00\x00"  # how [MESSAGE, 0, payload] begins
 
 #: A bytes-like value at least this large, among a message's top-level values,
 #: is sent as a buffer of its own instead of being copied into the body (and
@@ -214,7 +215,7 @@ class Encoder:
             EncodeError: a value cannot travel as msgpack; nothing is sent.
             FrameTooLarge: the body or the descriptor count is over the limit.
         """
-        if kind == _MESSAGE:
+        if kind == _MESSAGE and not _BINARY.isdisjoint(map(type, payload)):
             for value in payload:
                 if type(value) in _BINARY and len(value) >= _OUT_OF_LINE:
                     return self._encode_out_of_line(payload)
@@ -230,9 +231,10 @@ class Encoder:
             body, fds = self._count_fds(body, kind, payload)
         else:
             fds = _NO_FDS
-        if len(body) > self._max_frame:
-            raise self._too_large(len(body))
-        return (_pack_header(len(body)) + body,), fds
+        size = len(body)
+        if size > self._max_frame:
+            raise self._too_large(size)
+        return (_pack_header(size) + body,), fds
 
     def _count_fds(self, body: bytes, kind: int, payload: Any) -> tuple[bytes, list[int]]:
         """Write the descriptor count the body was packed without."""
@@ -302,9 +304,10 @@ class Encoder:
     def _encode_with_copies(self, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
         body = self._pack((_MESSAGE, 0, payload))
         body, fds = self._count_fds(body, _MESSAGE, payload)
-        if len(body) > self._max_frame:
-            raise self._too_large(len(body))
-        return (_pack_header(len(body)) + body,), fds
+        size = len(body)
+        if size > self._max_frame:
+            raise self._too_large(size)
+        return (_pack_header(size) + body,), fds
 
     def _too_large(self, size: int) -> FrameTooLarge:
         return FrameTooLarge(
@@ -516,13 +519,7 @@ class Decoder:
         # keywords, and checking nothing it already proved, costs a fraction
         # of the general path; a map with other keys makes it raise
         # ValueError, and the general path decodes (or refuses) the frame.
-        if (
-            self._plain
-            and length >= 3
-            and buf[start + HEADER_SIZE] == 0x93
-            and buf[start + 5] == 0
-            and buf[start + 6] == 0
-        ):
+        if self._plain and length >= 3 and buf.startswith(_PLAIN_MESSAGE, start + HEADER_SIZE):
             try:
                 payload = _unpackb(view)[2]
             except ValueError:
