@@ -53,7 +53,28 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(*_PEERCRED.unpack(data))
 
 
-class Channel:
+class _SocketEnd:
+    """What every channel (this one and the asyncio one) says about its socket."""
+
+    _sock: socket.socket
+    _closed: bool
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or the channel closed itself after a broken frame)."""
+        return self._closed
+
+    @property
+    def peer(self) -> Peer:
+        """The credentials of the process at the other end (see :class:`Peer`)."""
+        return peer_of(self._sock)
+
+    def fileno(self) -> int:
+        """Return the socket's descriptor number, for ``select``/``poll``."""
+        return self._sock.fileno()
+
+
+class Channel(_SocketEnd):
     """One connected Unix stream socket that carries whole messages and descriptors.
 
     ``write(*values)`` sends one message; ``read()`` returns the next one as a
@@ -105,20 +126,6 @@ class Channel:
     @timeout.setter
     def timeout(self, value: float | None) -> None:
         self._sock.settimeout(value)
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` ran (or the channel closed itself after a broken frame)."""
-        return self._closed
-
-    @property
-    def peer(self) -> Peer:
-        """The credentials of the process at the other end (see :class:`Peer`)."""
-        return peer_of(self._sock)
-
-    def fileno(self) -> int:
-        """Return the socket's descriptor number, for ``select``/``poll``."""
-        return self._sock.fileno()
 
     def write(self, *values: Any) -> None:
         """Send one message made of ``values``.

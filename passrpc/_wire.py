@@ -221,12 +221,11 @@ class Encoder:
                     return self._encode_out_of_line(payload)
         try:
             body = self._pack((kind, 0, payload))
-        except (OverflowError, ValueError) as exc:
-            self._fds = []
-            raise EncodeError(f"cannot encode the message: {exc}") from exc
-        except BaseException:
-            self._fds = []
-            raise
+        except BaseException as exc:
+            error = self._failed(exc)
+            if error is None:
+                raise
+            raise error from exc
         if self._fds:
             body, fds = self._count_fds(body, kind, payload)
         else:
@@ -235,6 +234,13 @@ class Encoder:
         if size > self._max_frame:
             raise self._too_large(size)
         return (_pack_header(size) + body,), fds
+
+    def _failed(self, exc: BaseException) -> EncodeError | None:
+        """Forget the failed frame's descriptors; msgpack's refusals become EncodeError."""
+        self._fds = []
+        if isinstance(exc, (OverflowError, ValueError)) and not isinstance(exc, EncodeError):
+            return EncodeError(f"cannot encode the message: {exc}")
+        return None
 
     def _count_fds(self, body: bytes, kind: int, payload: Any) -> tuple[bytes, list[int]]:
         """Write the descriptor count the body was packed without."""
@@ -277,12 +283,11 @@ class Encoder:
                     pending = []
                 else:
                     pending.append(self._pack(value))
-        except (OverflowError, ValueError) as exc:
-            self._fds = []
-            raise EncodeError(f"cannot encode the message: {exc}") from exc
-        except BaseException:
-            self._fds = []
-            raise
+        except BaseException as exc:
+            error = self._failed(exc)
+            if error is None:
+                raise
+            raise error from exc
         if pending:
             parts.append(b"".join(pending))
         fds, self._fds = self._fds, []

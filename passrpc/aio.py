@@ -39,7 +39,7 @@ from ._auth import (
     check_server_uid,
     password_key,
 )
-from ._channel import _CTRUNC, _SCM, Peer, _os_error, _take_ancillary, _unsent, peer_of
+from ._channel import _CTRUNC, _SCM, _os_error, _SocketEnd, _take_ancillary, _unsent
 from ._client import (
     _check_described,
     _dress,
@@ -135,7 +135,7 @@ def _check_max_connections(max_connections: object) -> None:
         )
 
 
-class AsyncChannel(_AsyncClosing):
+class AsyncChannel(_SocketEnd, _AsyncClosing):
     """One connected Unix socket that carries whole messages and descriptors, for asyncio.
 
     The coroutine twin of :class:`passrpc.Channel`: ``await write(*values)``
@@ -173,20 +173,6 @@ class AsyncChannel(_AsyncClosing):
         self._unattended = 0  # readable events in a row with nobody waiting
         # (loop, waiter) of a task waiting for room to write.
         self._writer: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` ran (or the channel closed itself after a broken frame)."""
-        return self._closed
-
-    @property
-    def peer(self) -> Peer:
-        """The credentials of the process at the other end (see :class:`passrpc.Peer`)."""
-        return peer_of(self._sock)
-
-    def fileno(self) -> int:
-        """Return the socket's descriptor number."""
-        return self._sock.fileno()
 
     async def write(self, *values: Any) -> None:
         """Send one message made of ``values``.
