@@ -22,6 +22,7 @@ them over a :class:`Channel` (the asyncio client drives the same steps).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import os
@@ -31,6 +32,8 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
+import attrs
+
 from ._channel import Channel, Peer
 from ._errors import AuthenticationError, ConnectionClosed, ProtocolError, Timeout
 from ._wire import (
@@ -39,6 +42,7 @@ from ._wire import (
     PROTOCOL_VERSION,
     Kind,
     Limits,
+    brief,
     error_from_payload,
     error_payload,
 )
@@ -48,6 +52,10 @@ _SERVER_LABEL = b"passrpc server\x00"
 _CLIENT_LABEL = b"passrpc client\x00"
 _HANDSHAKE = int(Kind.HANDSHAKE)
 _ERROR = int(Kind.ERROR)
+
+#: The largest frame either side takes before the peer has proved it knows the
+#: password: a handshake frame is under 200 bytes, and this leaves room.
+HANDSHAKE_MAX_FRAME = 4096
 
 #: Seconds a client may take over the whole handshake before the server drops it:
 #: ample for a local peer, short enough that silent clients cannot pile up.
@@ -65,7 +73,7 @@ def _mac(key: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
 
 def _field(payload: Any, step: str, name: str) -> bytes:
     if not isinstance(payload, dict) or payload.get("step") != step:
-        raise ProtocolError(f"handshake: expected step {step!r}, got {payload!r:.100}")
+        raise ProtocolError(f"handshake: expected step {step!r}, got {brief(payload)}")
     value = payload.get(name)
     if not isinstance(value, bytes) or len(value) != _CHALLENGE_SIZE:
         raise ProtocolError(f"handshake: {step!r} needs a {_CHALLENGE_SIZE}-byte {name!r}")
@@ -167,13 +175,25 @@ def check_server_uid(peer: Peer, server_uids: Collection[int] | None) -> None:
 
 
 def _expect_handshake(channel: Channel, deadline: float | None = None, *, from_server: bool) -> Any:
-    if deadline is not None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Timeout("the handshake took longer than its time bound")
-        channel.timeout = left
-    kind, payload = channel._receive()
+    if deadline is not None and deadline <= time.monotonic():
+        raise Timeout("the handshake took longer than its time bound")
+    kind, payload = channel._receive(deadline)
     return _handshake_payload(kind, payload, from_server=from_server)
+
+
+@contextlib.contextmanager
+def _unproven(channel: Channel) -> Iterator[None]:
+    """Hold the peer to handshake-sized frames until it has proved it knows the password.
+
+    A peer that has not authenticated must not make this process set aside
+    megabytes (nor decode them): each handshake frame is under 200 bytes.
+    """
+    limits = channel._limits
+    channel._set_limits(attrs.evolve(limits, max_frame_size=HANDSHAKE_MAX_FRAME))
+    try:
+        yield
+    finally:
+        channel._set_limits(limits)
 
 
 def _handshake_payload(kind: int, payload: Any, *, from_server: bool) -> Any:
@@ -214,9 +234,10 @@ def server_handshake(
     try:
         check_uid(peer, allowed_uids, "client")
         steps = ServerHandshake(key)
-        hello = _expect_handshake(channel, deadline, from_server=False)
-        channel._send(_HANDSHAKE, steps.challenge(hello))
-        steps.verify(_expect_handshake(channel, deadline, from_server=False))
+        with _unproven(channel):
+            hello = _expect_handshake(channel, deadline, from_server=False)
+            channel._send(_HANDSHAKE, steps.challenge(hello))
+            steps.verify(_expect_handshake(channel, deadline, from_server=False))
     except AuthenticationError as exc:
         try:
             channel._send(
@@ -243,7 +264,9 @@ def client_handshake(
     check_server_uid(peer, allowed_uids)
     steps = ClientHandshake(key)
     channel._send(_HANDSHAKE, steps.hello())
-    channel._send(_HANDSHAKE, steps.answer(_expect_handshake(channel, from_server=True)))
+    with _unproven(channel):
+        answer = steps.answer(_expect_handshake(channel, from_server=True))
+    channel._send(_HANDSHAKE, answer)
     return peer
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, NoReturn
@@ -110,6 +112,14 @@ class Channel(_SocketEnd):
         self._sendall = sock.sendall
         self._recvmsg_into = sock.recvmsg_into
 
+    def _set_limits(self, limits: Limits) -> None:
+        """Apply ``limits`` to what comes next: the handshake runs under tight ones."""
+        self._limits = limits
+        self._decoder.set_limits(limits)
+        self._encoder = Encoder(limits)
+        self._encode = self._encoder.encode
+        self._ancbufsize = socket.CMSG_SPACE(limits.max_fds * 4) if limits.max_fds else 0
+
     @classmethod
     def pair(
         cls, *, timeout: float | None = None, limits: Limits = DEFAULT_LIMITS
@@ -133,7 +143,8 @@ class Channel(_SocketEnd):
         Raises:
             EncodeError: a value cannot travel; nothing was sent.
             FrameTooLarge: the message is over the limit; nothing was sent.
-            ConnectionClosed: the peer has gone.
+            ConnectionClosed: the peer has gone, or the OS refused the send
+                (the message says which); the channel is unusable.
             Timeout: the peer did not take the bytes in time; the channel is
                 closed, since part of a frame may have gone out.
         """
@@ -182,7 +193,8 @@ class Channel(_SocketEnd):
         while rest:  # a signal or a timeout cut the send short: the rest, without descriptors
             rest = _unsent(rest, self._sock.sendmsg(rest, [], _NOSIGNAL))
 
-    def _receive(self) -> tuple[int, Any]:
+    def _receive(self, deadline: float | None = None) -> tuple[int, Any]:
+        """Return the next frame; with ``deadline`` (a monotonic time) the whole read is bounded."""
         next_frame = self._next_frame
         decoder = self._decoder
         try:
@@ -195,6 +207,8 @@ class Channel(_SocketEnd):
                     return frame
             while True:
                 buffer = decoder._view if decoder._end == 0 else decoder.get_buffer()
+                if deadline is not None:  # a bound for the frame, not for each read of it
+                    self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 try:
                     nbytes, ancillary, flags, _ = self._recvmsg_into(
                         [buffer], self._ancbufsize, _CLOEXEC
@@ -229,7 +243,23 @@ class Channel(_SocketEnd):
         raise _os_error(exc, doing, self._closed, fds) from exc
 
     def close(self) -> None:
-        """Close the socket and every received descriptor nobody claimed; idempotent."""
+        """Close the socket and every received descriptor nobody claimed; idempotent.
+
+        A thread blocked reading or writing this channel gets
+        :class:`ConnectionClosed` at once.
+        """
+        if not self._closed:
+            # shutdown() wakes a reader blocked in another thread; close() alone does not.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._forget()
+
+    def _forget(self) -> None:
+        """Close this process's descriptor only: for a copy a forked child inherited.
+
+        Unlike :meth:`close`, the connection itself stays up for the process
+        that still holds it.
+        """
         if not self._closed:
             self._closed = True
             self._decoder.close()
@@ -286,8 +316,9 @@ def _take_ancillary(
         for fd in fds:
             fd.close()
         raise FrameTooLarge(
-            "the peer sent more descriptors with one message than this side's limit of "
-            f"{max_fds}; they were closed: raise Limits.max_fds, or send fewer"
+            "descriptors that came with a message did not fit: the peer sent more than "
+            f"this side's limit of {max_fds} (raise Limits.max_fds, or send fewer), or this "
+            "process has no descriptor numbers left (see ulimit -n); those that came were closed"
         )
     if not nbytes:
         for fd in fds:

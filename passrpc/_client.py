@@ -23,7 +23,7 @@ from ._auth import open_channel, password_key
 from ._channel import Channel
 from ._errors import ConnectionClosed, EncodeError, ProtocolError
 from ._server import Server, _describe, _proxy_factories
-from ._wire import DEFAULT_LIMITS, Kind, Limits, error_from_payload
+from ._wire import DEFAULT_LIMITS, Kind, Limits, brief, error_from_payload
 
 _MESSAGE = int(Kind.MESSAGE)
 _CALL = int(Kind.CALL)
@@ -153,8 +153,19 @@ class _Connection:
         self.channel = channel
         self.generation = _generation[0]
 
+    def close(self) -> None:
+        """Close the connection; in a forked child, only the child's copy of it.
+
+        Shutting the socket down (as Channel.close does, to wake a blocked
+        reader) would break the parent's connection too: they share it.
+        """
+        if self.generation == _generation[0]:
+            self.channel.close()
+        else:
+            self.channel._forget()
+
     def __del__(self) -> None:
-        self.channel.close()
+        self.close()
 
 
 class Proxy(_ProxyBase):
@@ -222,7 +233,7 @@ class Proxy(_ProxyBase):
         connection: _Connection | None = getattr(self._local, "connection", None)
         if connection is not None:
             self._local.connection = None
-            connection.channel.close()
+            connection.close()
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call handler ``name`` with the arguments given; the generic form of the methods.
@@ -298,7 +309,7 @@ class Proxy(_ProxyBase):
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
-            connection.channel.close()
+            connection.close()
 
     def __enter__(self) -> Proxy:
         return self
@@ -408,7 +419,7 @@ def _make_proxy_class(
     for info in described:
         if not isinstance(info, dict) or not isinstance(info.get("name"), str):
             raise ProtocolError(
-                f"the server described a handler as {info!r:.100}, which is not a handler "
+                f"the server described a handler as {brief(info)}, which is not a handler "
                 "description: run the same passrpc version on both sides"
             )
         name = info["name"]

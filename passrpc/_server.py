@@ -64,6 +64,7 @@ from ._wire import (
     ERROR_UNKNOWN_MESSAGE,
     Kind,
     Limits,
+    brief,
     encode_frame,
     error_payload,
 )
@@ -252,7 +253,7 @@ class _Process:
             return True
         if os.getpid() != self.starter:
             if self.pidfd is not None:
-                return bool(select.select([self.pidfd], [], [], 0)[0])
+                return _readable(self.pidfd, 0)
             return _pid_gone(self.pid)
         if self.popen is not None:
             status = self.popen.poll()
@@ -283,7 +284,7 @@ class _Process:
                 if pidfd is None:
                     time.sleep(min(left, 0.01))
                 else:
-                    select.select([pidfd], [], [], left)
+                    _readable(pidfd, left)
             except (OSError, ValueError):  # another thread saw the end and closed it
                 continue
         return True
@@ -296,10 +297,10 @@ class _Process:
 
     def kill(self) -> None:
         """SIGKILL the server; through the pidfd where there is one, so never a reused pid."""
-        with contextlib.suppress(ProcessLookupError, OSError):
+        with self._lock, contextlib.suppress(ProcessLookupError, OSError):
             if self.pidfd is not None:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            elif not self.exited():
+            elif not self._exited():
                 os.kill(self.pid, signal.SIGKILL)
 
     def close_pidfd(self) -> None:
@@ -319,6 +320,13 @@ class _Process:
         elif not self.exited():
             with _unreaped_lock:
                 _unreaped.append(self)
+
+
+def _readable(fd: int | socket.socket, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``fd`` to be readable (poll: any descriptor number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))
 
 
 def _pid_gone(pid: int) -> bool:
@@ -428,9 +436,13 @@ def _check_path(path: str) -> None:
 
 
 def _is_live_socket(path: str) -> bool:
+    """True if a server listens at ``path``; never blocks, even on a full backlog."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
         probe.connect(path)
+    except BlockingIOError:
+        return True  # the backlog is full: someone listens
     except OSError:
         return False
     finally:
@@ -830,7 +842,13 @@ class Server:
     def _bind_privately(self, sock: socket.socket, path: str) -> None:
         """Bind in a fresh 0700 directory beside ``path``, chmod, then link into place."""
         parent = os.path.dirname(path)
-        private = tempfile.mkdtemp(prefix=".prpc", dir=parent)
+        try:
+            private = tempfile.mkdtemp(prefix=".prpc", dir=parent)
+        except OSError as exc:
+            raise StartError(
+                f"cannot create the socket in {parent!r}: {exc.strerror}; "
+                "choose a socket_path in a directory you can write to"
+            ) from exc
         temporary = os.path.join(private, "s")
         try:
             if len(os.fsencode(temporary)) > MAX_SOCKET_PATH:
@@ -866,7 +884,13 @@ class Server:
             raise StartError(
                 f"a server already listens on {path!r}: stop it, or choose another socket_path"
             )
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise StartError(
+                f"a stale socket at {path!r} cannot be removed ({exc.strerror}): "
+                "remove it yourself, or choose another socket_path"
+            ) from exc
         logger.info("removed stale socket %s", path)
 
     def _remove_files(self, identity: tuple[int, int]) -> None:
@@ -919,7 +943,7 @@ class Server:
         return popen
 
     def _wait_ready(self, process: _Process) -> None:
-        ready = select.select([process.owner], [], [], self._start_timeout)[0]
+        ready = _readable(process.owner, self._start_timeout)
         data = process.owner.recv(1) if ready else None
         if data == _READY:
             return
@@ -1141,9 +1165,10 @@ class _Loop:
 
     def run(self) -> None:
         server = self.server
-        _serving_sockets.update([self.listener, self.wake_r, self.wake_w])
+        own = {self.listener, self.wake_r, self.wake_w}
         if self.ready is not None:
-            _serving_sockets.add(self.ready)
+            own.add(self.ready)
+        _serving_sockets.update(own)
         try:
             self._install_signals()
             try:
@@ -1158,13 +1183,14 @@ class _Loop:
             try:
                 self._poll()
             finally:
+                self.stopping = True  # also if _poll raised: no worker goes back to idle
                 self._shutdown()
                 server.finalize_server()
         finally:
             self._restore_signals()
             self.wake_r.close()
             self.wake_w.close()
-            _serving_sockets.clear()
+            _serving_sockets.difference_update(own)  # another loop in this process keeps its own
             self.done.set()
 
     def _poll(self) -> None:
@@ -1223,6 +1249,7 @@ class _Loop:
                     return False
                 logger.debug("accept failed: %s", exc)
                 continue
+            _serving_sockets.add(sock)  # before any thread can fork: its children must drop it
             if not self._dispatch(sock):
                 return False
         return True
@@ -1247,6 +1274,7 @@ class _Loop:
             logger.warning("cannot start a client thread (%s); backing off", exc)
             with self.clients_lock:
                 del self.clients[sock]
+            _serving_sockets.discard(sock)
             sock.close()
             return False
         return True
@@ -1276,7 +1304,6 @@ class _Loop:
     def _serve_client(self, sock: socket.socket) -> None:
         server = self.server
         channel = Channel(sock, limits=server._limits)
-        _serving_sockets.add(sock)
         try:
             try:
                 peer = server_handshake(
@@ -1436,5 +1463,4 @@ def _is_call(payload: Any) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return brief(value)

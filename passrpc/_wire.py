@@ -25,6 +25,7 @@ frame".
 from __future__ import annotations
 
 import enum
+import reprlib
 import struct
 from collections import deque
 from collections.abc import Iterable
@@ -67,6 +68,10 @@ _SCM_MAX_FD = 253
 #: Receive buffer a decoder starts with: one read takes in many small frames.
 _INITIAL_BUFFER = 16 * 1024
 
+#: The first step a receive buffer grows by for a large frame; after it, it
+#: doubles (see Decoder.get_buffer).
+_GROWTH_STEP = 1024 * 1024
+
 #: A buffer grown for a large frame is kept up to this size, so that repeated
 #: large messages reuse memory instead of faulting in fresh pages each time
 #: (see docs/performance.md); a larger one is dropped once its frame is read.
@@ -97,7 +102,9 @@ Buffer = bytes | bytearray | memoryview
 _NO_FDS: list[int] = []  # shared, never mutated: most frames carry no descriptors
 _BINARY = frozenset({bytes, bytearray, memoryview})
 _ARRAY3 = b"\x93"
-_PLAIN_MESSAGE = b"\x93\x00\x00"  # how [MESSAGE, 0, payload] begins
+_PLAIN_MESSAGE = b"\x93\x00\x00"
+#: sendmsg takes at most IOV_MAX (1024 on Linux) buffers; a frame stays well below.
+_MAX_BUFFERS = 512  # how [MESSAGE, 0, payload] begins
 
 #: A bytes-like value at least this large, among a message's top-level values,
 #: is sent as a buffer of its own instead of being copied into the body (and
@@ -179,19 +186,19 @@ class Encoder:
     def _default(self, obj: object) -> msgpack.ExtType:
         if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
             raise EncodeError(
-                f"the integer {obj!r:.40} is outside msgpack's range (-2**63 to 2**64-1): "
+                f"the integer {brief(obj)} is outside msgpack's range (-2**63 to 2**64-1): "
                 "send it as a str, or as bytes"
             )
         fileno = getattr(obj, "fileno", None)
         if fileno is None:
             raise EncodeError(
-                f"cannot send a value of type {type(obj).__qualname__!r} ({obj!r:.80}); "
+                f"cannot send a value of type {type(obj).__qualname__!r} ({brief(obj)}); "
                 "messages hold None, bool, int, float, str, bytes, list, tuple, dict "
                 "and objects with fileno(): convert it first"
             )
         fd = fileno()
         if not isinstance(fd, int) or fd < 0:
-            raise EncodeError(f"{obj!r:.80}.fileno() returned {fd!r}, not a descriptor number")
+            raise EncodeError(f"{brief(obj)}.fileno() returned {fd!r}, not a descriptor number")
         self._fds.append(fd)
         return _placeholder(len(self._fds) - 1)
 
@@ -238,7 +245,9 @@ class Encoder:
     def _failed(self, exc: BaseException) -> EncodeError | None:
         """Forget the failed frame's descriptors; msgpack's refusals become EncodeError."""
         self._fds = []
-        if isinstance(exc, (OverflowError, ValueError)) and not isinstance(exc, EncodeError):
+        if isinstance(exc, (OverflowError, ValueError, BufferError)) and not isinstance(
+            exc, EncodeError
+        ):
             return EncodeError(f"cannot encode the message: {exc}")
         return None
 
@@ -290,6 +299,9 @@ class Encoder:
             raise error from exc
         if pending:
             parts.append(b"".join(pending))
+        if len(parts) >= _MAX_BUFFERS:
+            self._fds = []  # too many pieces for one sendmsg: copy them into one body
+            return self._encode_with_copies(payload)
         fds, self._fds = self._fds, []
         if fds:
             if len(fds) >= 0x80:
@@ -360,7 +372,6 @@ class Decoder:
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self._limits = limits
         self._buf = bytearray(_INITIAL_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet consumed
@@ -369,9 +380,14 @@ class Decoder:
         self._fds: deque[Descriptor] = deque()
         self._used: list[int] | None = None  # placeholders met in the frame being decoded
         self._broken: ProtocolError | None = None
-        self._max_frame = limits.max_frame_size
         self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
         self._hook = self._ext_hook  # bound once, not on every frame
+        self.set_limits(limits)
+
+    def set_limits(self, limits: Limits) -> None:
+        """Apply ``limits`` from the next frame on (tight ones while a peer is unauthenticated)."""
+        self._limits = limits
+        self._max_frame = limits.max_frame_size
         # msgpack's own length limits, only where the user set them: each
         # keyword costs time on every frame, and by default msgpack already
         # derives safe limits from the body's size.
@@ -415,9 +431,10 @@ class Decoder:
     def get_buffer(self) -> memoryview:
         """Return free buffer space to read into; call :meth:`buffer_updated` after.
 
-        The space holds at least the rest of the frame being received (so a
-        large frame is read into one buffer, without joins), and never more
-        than the frame limit allows.
+        A large frame is read into one buffer, without joins. The buffer
+        grows as the frame's bytes arrive, doubling from 1 MiB up to the
+        frame's size, never to what a header merely announces: a peer that
+        sends a header and stops costs no more memory than it sent.
 
         Raises:
             FrameTooLarge: the pending frame's header is over the limit.
@@ -431,6 +448,7 @@ class Decoder:
         if len(self._buf) - self._end >= max(need, 1):
             return self._view[self._end :]
         size = max(pending + need, _INITIAL_BUFFER)
+        size = min(size, max(2 * len(self._buf), _GROWTH_STEP))
         if size <= len(self._buf):
             self._buf[:pending] = self._view[self._start : self._end]
         else:
@@ -533,8 +551,8 @@ class Decoder:
                 self._offset += stop - start
                 if stop == end:
                     self._start = self._end = 0
-                    if self._oversized:
-                        self._shrink()
+                    if self._oversized or self._fds:
+                        self._after_last_frame()
                 else:
                     self._start = stop
                 return _MESSAGE, payload
@@ -542,11 +560,10 @@ class Decoder:
 
     def _next_general(self, start: int, stop: int, end: int, view: memoryview) -> tuple[int, Any]:
         """Decode any frame, checking every field: the path of all but plain messages."""
-        # Only a frame that carries descriptors (byte 2 of its body is not 0)
-        # resolves placeholders; elsewhere extension type 1 is just an ExtType.
-        carries_fds = self._buf[start + 6] != 0 if stop - start >= HEADER_SIZE + 3 else True
+        # Placeholders can only point at descriptors that have arrived; with
+        # none waiting, extension type 1 stays the ExtType it is.
         try:
-            body = self._unpack_general(view, self._hook if carries_fds else None)
+            body = self._unpack_general(view, self._hook if self._fds else None)
         except Exception as exc:  # msgpack raises ValueError and its own types
             raise self._fail(
                 ProtocolError(
@@ -556,12 +573,6 @@ class Decoder:
             ) from exc
         offset = self._offset
         self._offset = offset + stop - start
-        if stop == end:
-            self._start = self._end = 0
-            if self._oversized:
-                self._shrink()
-        else:
-            self._start = stop
         if type(body) is not list or len(body) != 3:
             raise self._fail(
                 ProtocolError(
@@ -570,7 +581,14 @@ class Decoder:
                 )
             )
         kind, nfds, payload = body
-        return self._check_frame(offset, kind, nfds, payload)
+        frame = self._check_frame(offset, kind, nfds, payload)
+        if stop == end:
+            self._start = self._end = 0
+            if self._oversized or self._fds:
+                self._after_last_frame()
+        else:
+            self._start = stop
+        return frame
 
     def _unpack_general(self, view: memoryview, hook: Any) -> Any:
         """Decode with every option; placeholders resolve only in frames that carry descriptors."""
@@ -579,7 +597,21 @@ class Decoder:
             return _unpackb(view, strict_map_key=False, **self._options)
         return _unpackb(view, strict_map_key=False, ext_hook=hook, **self._options)
 
-    def _shrink(self) -> None:
+    def _after_last_frame(self) -> None:
+        """Every byte received is decoded: drop an outsized buffer, refuse stray descriptors.
+
+        Descriptors arrive with their frame's first byte, so once every byte
+        is decoded, any still waiting belong to no frame: a peer that
+        attaches them to frames that do not count them would otherwise pile
+        them up in this process.
+        """
+        if self._fds:
+            raise self._fail(
+                ProtocolError(
+                    f"the peer sent {len(self._fds)} descriptor(s) that no frame claims "
+                    f"(by stream offset {self._offset}); they were closed"
+                )
+            )
         self._buf = bytearray(_INITIAL_BUFFER)
         self._view = memoryview(self._buf)
         self._oversized = False
@@ -629,9 +661,22 @@ class Decoder:
             self._fds.popleft().close()
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def brief(value: object) -> str:
+    """A short repr of ``value`` that costs little however large it is.
+
+    For error messages about what a peer sent: ``repr()`` of a 64 MiB value
+    would build 64 MiB of text before any cutting.
+    """
+    return _REPR.repr(value)
+
+
 def _describe(value: object) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+    return f"{type(value).__name__} {brief(value)}"
 
 
 # Error frames ---------------------------------------------------------------

@@ -381,7 +381,6 @@ class TestCancellationAndTimeouts:
 
         run(main())
 
-
     @pytest.mark.parametrize("handler", ["echo", "chat"])
     def test_close_fails_a_call_still_authenticating(
         self, handler: str, sockdir: Path, no_fd_leak: None
@@ -486,9 +485,7 @@ class TestConnecting:
         with answering_server(sockdir, Kind.ERROR, payload) as path:
             run(main(path))
 
-    def test_connect_refuses_a_malformed_description(
-        self, sockdir: Path, no_fd_leak: None
-    ) -> None:
+    def test_connect_refuses_a_malformed_description(self, sockdir: Path, no_fd_leak: None) -> None:
         """A description whose entries are not handler descriptions raises ProtocolError."""
 
         async def main(path: str) -> None:

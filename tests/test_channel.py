@@ -67,7 +67,9 @@ class TestMessages:
         blob = os.urandom(4 << 20)
         r, w = os.pipe()
         with FileDescriptor(r) as read_end:
-            writer = threading.Thread(target=a.write, args=("blob", blob, read_end, bytearray(blob)))
+            writer = threading.Thread(
+                target=a.write, args=("blob", blob, read_end, bytearray(blob))
+            )
             writer.start()
             name, got, fd, again = b.read()
             writer.join()

@@ -238,6 +238,24 @@ class TestConnections:
             _, status = os.waitpid(child, 0)
             assert os.waitstatus_to_exitcode(status) == 0
 
+    def test_closing_in_a_forked_child_leaves_the_parents_connection(self, server: Server) -> None:
+        """proxy.close() in a child closes the child's copies only."""
+        with server.proxy(timeout=5) as proxy:
+            proxy.echo(0)
+            channel = proxy._local.connection.channel
+            child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    proxy.close()
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(child, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert proxy.echo("still") == "still"
+            assert proxy._local.connection.channel is channel
+
     def test_closed_proxy_refuses_calls(self, server: Server) -> None:
         """After close(), a call raises ConnectionClosed."""
         proxy = server.proxy(timeout=5)
@@ -294,17 +312,17 @@ class TestDescriptions:
     ) -> None:
         """An ERROR frame in answer to the description request raises that error, not ProtocolError."""
         payload = error_payload(ERROR_UNKNOWN_MESSAGE, "UnknownMessage", "no describing here")
-        with answering_server(sockdir, Kind.ERROR, payload) as path, pytest.raises(
-            UnknownMessage, match="no describing here"
+        with (
+            answering_server(sockdir, Kind.ERROR, payload) as path,
+            pytest.raises(UnknownMessage, match="no describing here"),
         ):
             passrpc.connect(path, password="pw", timeout=WAIT)
 
-    def test_connect_refuses_a_malformed_description(
-        self, sockdir: Path, no_fd_leak: None
-    ) -> None:
+    def test_connect_refuses_a_malformed_description(self, sockdir: Path, no_fd_leak: None) -> None:
         """A description whose entries are not handler descriptions raises ProtocolError."""
-        with answering_server(sockdir, Kind.DESCRIBE, [{"nom": "x"}]) as path, pytest.raises(
-            ProtocolError, match="not a handler description"
+        with (
+            answering_server(sockdir, Kind.DESCRIBE, [{"nom": "x"}]) as path,
+            pytest.raises(ProtocolError, match="not a handler description"),
         ):
             passrpc.connect(path, password="pw", timeout=WAIT)
 

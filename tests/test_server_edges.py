@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -107,26 +108,91 @@ class TestWhatStaysBehind:
         server.stop()
 
     def test_handshake_bound_covers_a_trickling_client(self) -> None:
-        """A client that sends its hello a byte at a time is dropped at the handshake bound."""
+        """A hello trickled in a byte at a time is dropped at the bound for the whole handshake."""
         server = Server(handshake_timeout=0.5)
+        hello = b"\x00\x00\x00\x40" + b"\x93\x02\x00" + b"\xc0" * 61  # a 64-byte frame, never whole
         with server, socket.socket(socket.AF_UNIX) as s:
             s.connect(server.socket_path)
             start = time.monotonic()
-            s.setblocking(False)
             closed = False
-            while time.monotonic() - start < 5 and not closed:
+            for byte in hello:
                 try:
-                    s.send(b"\x00")
+                    s.send(bytes([byte]))
                 except OSError:
                     closed = True
                     break
-                if select.select([s], [], [], 0.1)[0]:
-                    try:
+                if select.select([s], [], [], 0.05)[0]:
+                    with contextlib.suppress(OSError):
                         closed = s.recv(4096) == b""
-                    except OSError:
-                        closed = True
-            assert closed
-            assert time.monotonic() - start < 2
+                    closed = True
+                    break
+            assert closed, "the server kept a trickling client past its handshake bound"
+            assert time.monotonic() - start < 1.5
+
+    def test_unauthenticated_client_cannot_make_the_server_reserve_memory(self) -> None:
+        """A header announcing a large frame before the handshake closes the connection at once."""
+        server = Server()
+        server.add_handler("ok", lambda: "ok")
+        with server, socket.socket(socket.AF_UNIX) as s:
+            s.connect(server.socket_path)
+            s.sendall(b"\x03\xff\xff\xff")  # 64 MiB - 1, under the limit for the authenticated
+            s.settimeout(5)
+            assert s.recv(4096) == b""
+            assert server.proxy(timeout=5).ok() == "ok"
+
+    def test_close_from_another_thread_wakes_a_blocked_read(self) -> None:
+        """Channel.close() makes a read blocked in another thread fail at once."""
+        a, b = passrpc.Channel.pair()
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                a.read()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        time.sleep(0.1)  # let the reader block
+        a.close()
+        thread.join(5)
+        assert not thread.is_alive()
+        assert isinstance(errors[0], passrpc.ConnectionClosed)
+        b.close()
+
+    def test_many_large_values_in_one_message(self) -> None:
+        """More large binary values than sendmsg takes buffers still travel whole."""
+        a, b = passrpc.Channel.pair()
+        blobs = [bytes([i % 256]) * (64 * 1024) for i in range(600)]
+        writer = threading.Thread(target=a.write, args=("many", *blobs))
+        writer.start()
+        got = b.read()
+        writer.join()
+        assert got == ("many", *blobs)
+        a.close()
+        b.close()
+
+    def test_descriptor_numbers_above_1024(self) -> None:
+        """start() and stop() work in a process whose descriptor numbers pass 1024."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip("the descriptor limit is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+        fillers = []
+        try:
+            while len(fillers) < 1100:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            server = Server()
+            server.add_handler("ok", lambda: "ok")
+            with server:
+                assert server.proxy(timeout=5).ok() == "ok"
+                assert server.alive
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
     def test_processes_forked_by_handlers_do_not_hold_other_clients(self) -> None:
         """A worker forked by a handler does not keep another client's connection open."""

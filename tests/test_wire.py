@@ -141,10 +141,21 @@ class TestRoundTrip:
     def test_placeholder_in_a_frame_without_descriptors_is_an_ext_type(self) -> None:
         """Extension code 1 means a descriptor only in a frame that carries descriptors."""
         data = frame(Kind.MESSAGE, 0, ["x", msgpack.ExtType(FD_EXT_CODE, b"\x00")])
-        early = FakeFd(1)  # a later frame's descriptor, already received
-        assert decode_all(data, [early]) == [
-            (Kind.MESSAGE, ["x", msgpack.ExtType(FD_EXT_CODE, b"\x00")])
-        ]
+        assert decode_all(data) == [(Kind.MESSAGE, ["x", msgpack.ExtType(FD_EXT_CODE, b"\x00")])]
+
+    def test_descriptors_no_frame_claims_are_refused(self) -> None:
+        """Descriptors left over once every byte is decoded belong to no frame: refused, closed."""
+        data = frame(Kind.MESSAGE, 0, ["x"])
+        stray = [FakeFd(1), FakeFd(2)]
+        with pytest.raises(ProtocolError, match="no frame claims"):
+            decode_all(data, stray)
+        assert all(fd.closed for fd in stray)
+
+    def test_a_large_header_alone_does_not_reserve_its_body(self) -> None:
+        """A header announcing 60 MiB grows the buffer only as bytes arrive."""
+        decoder = Decoder()
+        decoder.receive_data(struct.pack(">I", 60 << 20) + b"\x93")
+        assert len(decoder.get_buffer()) <= 2 << 20
 
     def test_users_extension_types_pass_through(self) -> None:
         """Extension types under other codes are not mistaken for descriptors."""
@@ -255,7 +266,7 @@ class TestGarbage:
             (msgpack.packb([0, 2, []]), "only 0 arrived"),
             (
                 msgpack.packb([0, 1, [msgpack.ExtType(FD_EXT_CODE, b"\x00")]]),
-                "refers to no descriptor",
+                "only 0 arrived",
             ),
             (msgpack.packb([0, 0, []]) + b"\x00", "not valid"),  # trailing bytes
             (b"\x93\x00\x00" + b"\x91" * 5000 + b"\xc0", "not valid"),  # nested too deep
@@ -329,7 +340,9 @@ class TestLargeValuesAndDescriptorCounts:
         assert len(buffers) > 1
         expected = frame(Kind.MESSAGE, 0, ["echo", 1, blob, {"k": [1, 2]}, blob[:70000]])
         assert b"".join(bytes(b) for b in buffers) == expected
-        assert decode_all(expected) == [(Kind.MESSAGE, ["echo", 1, blob, {"k": [1, 2]}, blob[:70000]])]
+        assert decode_all(expected) == [
+            (Kind.MESSAGE, ["echo", 1, blob, {"k": [1, 2]}, blob[:70000]])
+        ]
 
     def test_out_of_line_value_with_descriptors(self) -> None:
         """Descriptors in a message with a large value are counted and placed."""
