@@ -22,7 +22,6 @@ them over a :class:`Channel` (the asyncio client drives the same steps).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hmac
 import os
@@ -31,8 +30,6 @@ import socket
 import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
-
-import attrs
 
 from ._channel import Channel, Peer
 from ._errors import AuthenticationError, ConnectionClosed, ProtocolError, Timeout
@@ -181,21 +178,6 @@ def _expect_handshake(channel: Channel, deadline: float | None = None, *, from_s
     return _handshake_payload(kind, payload, from_server=from_server)
 
 
-@contextlib.contextmanager
-def _unproven(channel: Channel) -> Iterator[None]:
-    """Hold the peer to handshake-sized frames until it has proved it knows the password.
-
-    A peer that has not authenticated must not make this process set aside
-    megabytes (nor decode them): each handshake frame is under 200 bytes.
-    """
-    limits = channel._limits
-    channel._set_limits(attrs.evolve(limits, max_frame_size=HANDSHAKE_MAX_FRAME))
-    try:
-        yield
-    finally:
-        channel._set_limits(limits)
-
-
 def _handshake_payload(kind: int, payload: Any, *, from_server: bool) -> Any:
     """Return the payload of a frame the handshake expects, or raise what the frame means.
 
@@ -234,10 +216,13 @@ def server_handshake(
     try:
         check_uid(peer, allowed_uids, "client")
         steps = ServerHandshake(key)
-        with _unproven(channel):
-            hello = _expect_handshake(channel, deadline, from_server=False)
-            channel._send(_HANDSHAKE, steps.challenge(hello))
-            steps.verify(_expect_handshake(channel, deadline, from_server=False))
+        # Until the client has proved it knows the password it may not make
+        # this process set aside (or decode) more than a handshake frame.
+        channel._decoder.cap_frame_size(HANDSHAKE_MAX_FRAME)
+        hello = _expect_handshake(channel, deadline, from_server=False)
+        channel._send(_HANDSHAKE, steps.challenge(hello))
+        steps.verify(_expect_handshake(channel, deadline, from_server=False))
+        channel._decoder.cap_frame_size(None)
     except AuthenticationError as exc:
         try:
             channel._send(
@@ -264,8 +249,9 @@ def client_handshake(
     check_server_uid(peer, allowed_uids)
     steps = ClientHandshake(key)
     channel._send(_HANDSHAKE, steps.hello())
-    with _unproven(channel):
-        answer = steps.answer(_expect_handshake(channel, from_server=True))
+    channel._decoder.cap_frame_size(HANDSHAKE_MAX_FRAME)  # nor a server that has not proved it
+    answer = steps.answer(_expect_handshake(channel, from_server=True))
+    channel._decoder.cap_frame_size(None)
     channel._send(_HANDSHAKE, answer)
     return peer
 

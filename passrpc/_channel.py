@@ -112,14 +112,6 @@ class Channel(_SocketEnd):
         self._sendall = sock.sendall
         self._recvmsg_into = sock.recvmsg_into
 
-    def _set_limits(self, limits: Limits) -> None:
-        """Apply ``limits`` to what comes next: the handshake runs under tight ones."""
-        self._limits = limits
-        self._decoder.set_limits(limits)
-        self._encoder = Encoder(limits)
-        self._encode = self._encoder.encode
-        self._ancbufsize = socket.CMSG_SPACE(limits.max_fds * 4) if limits.max_fds else 0
-
     @classmethod
     def pair(
         cls, *, timeout: float | None = None, limits: Limits = DEFAULT_LIMITS
@@ -242,23 +234,24 @@ class Channel(_SocketEnd):
             ) from exc
         raise _os_error(exc, doing, self._closed, fds) from exc
 
-    def close(self) -> None:
-        """Close the socket and every received descriptor nobody claimed; idempotent.
+    def shutdown(self) -> None:
+        """End the connection itself, for every process that holds it; then :meth:`close`.
 
-        A thread blocked reading or writing this channel gets
-        :class:`ConnectionClosed` at once.
+        A read or write blocked in another thread fails at once with
+        :class:`ConnectionClosed` (``close()`` alone does not wake it on
+        Linux). Do not call it on a channel a forked child shares with its
+        parent unless you mean to end the connection for both.
         """
         if not self._closed:
-            # shutdown() wakes a reader blocked in another thread; close() alone does not.
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            self._forget()
+        self.close()
 
-    def _forget(self) -> None:
-        """Close this process's descriptor only: for a copy a forked child inherited.
+    def close(self) -> None:
+        """Close this process's socket and every received descriptor nobody claimed; idempotent.
 
-        Unlike :meth:`close`, the connection itself stays up for the process
-        that still holds it.
+        Another process that shares the socket (a fork) keeps its copy and
+        the connection. To end the connection itself, see :meth:`shutdown`.
         """
         if not self._closed:
             self._closed = True

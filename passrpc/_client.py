@@ -154,15 +154,15 @@ class _Connection:
         self.generation = _generation[0]
 
     def close(self) -> None:
-        """Close the connection; in a forked child, only the child's copy of it.
+        """End the connection; in a forked child, close only the child's copy of it.
 
-        Shutting the socket down (as Channel.close does, to wake a blocked
-        reader) would break the parent's connection too: they share it.
+        Shutting the socket down wakes a call blocked on it in another
+        thread; in a child it would end the parent's connection too.
         """
         if self.generation == _generation[0]:
-            self.channel.close()
+            self.channel.shutdown()  # wakes a call blocked in its thread
         else:
-            self.channel._forget()
+            self.channel.close()
 
     def __del__(self) -> None:
         self.close()

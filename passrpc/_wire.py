@@ -384,8 +384,16 @@ class Decoder:
         self._hook = self._ext_hook  # bound once, not on every frame
         self.set_limits(limits)
 
+    def cap_frame_size(self, size: int | None) -> None:
+        """Take frames of at most ``size`` bytes from the next one on; None lifts the cap.
+
+        For a peer that has not authenticated yet: it may not make this
+        process set aside more than ``size`` bytes for one frame.
+        """
+        self._max_frame = self._limits.max_frame_size if size is None else size
+
     def set_limits(self, limits: Limits) -> None:
-        """Apply ``limits`` from the next frame on (tight ones while a peer is unauthenticated)."""
+        """Apply ``limits`` from the next frame on."""
         self._limits = limits
         self._max_frame = limits.max_frame_size
         # msgpack's own length limits, only where the user set them: each

@@ -185,6 +185,27 @@ class TestDescriptors:
         assert b.read() == ("ok",)
 
 
+class TestFork:
+    def test_pair_across_a_fork_each_side_closes_the_other_end(self) -> None:
+        """The classic pattern: fork, each process closes the end it does not use."""
+        a, b = Channel.pair(timeout=10)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                a.close()
+                b.write("child", *b.read())
+                code = 0
+            finally:
+                os._exit(code)
+        b.close()  # the parent's copy only: the child's end stays connected
+        a.write("ping", 1)
+        assert a.read() == ("child", "ping", 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        a.close()
+
+
 class TestEndOfStreamAndTimeouts:
     def test_peer_close_is_connection_closed(self, pair) -> None:
         """A closed peer ends read() with ConnectionClosed, a ConnectionError."""

@@ -140,8 +140,8 @@ class TestWhatStaysBehind:
             assert s.recv(4096) == b""
             assert server.proxy(timeout=5).ok() == "ok"
 
-    def test_close_from_another_thread_wakes_a_blocked_read(self) -> None:
-        """Channel.close() makes a read blocked in another thread fail at once."""
+    def test_shutdown_from_another_thread_wakes_a_blocked_read(self) -> None:
+        """Channel.shutdown() makes a read blocked in another thread fail at once."""
         a, b = passrpc.Channel.pair()
         errors: list[BaseException] = []
 
@@ -154,7 +154,7 @@ class TestWhatStaysBehind:
         thread = threading.Thread(target=reader)
         thread.start()
         time.sleep(0.1)  # let the reader block
-        a.close()
+        a.shutdown()
         thread.join(5)
         assert not thread.is_alive()
         assert isinstance(errors[0], passrpc.ConnectionClosed)
