@@ -26,12 +26,14 @@ stop(), started, alive, max_idle_time, next_cleaning_time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -122,22 +124,33 @@ def cleaner_idle_cpu(n: int, seconds: float) -> tuple[float, float]:
         return thread_cpu(cleaner) - cpu0, time.process_time() - proc0
 
 
+@contextlib.contextmanager
+def lookup_load(collection: passrpc.ServerCollection, threads: int) -> Iterator[None]:
+    """Keep ``threads`` threads looking up one key in a tight loop for the block's duration."""
+    stop = threading.Event()
+
+    def load() -> None:
+        def factory() -> FakeServer:
+            return FakeServer(3600)
+
+        while not stop.is_set():
+            collection.lookup_or_add("busy", factory)
+
+    loaders = [threading.Thread(target=load) for _ in range(threads)]
+    for loader in loaders:
+        loader.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join()
+
+
 def expiries(n: int, spread: float, load_threads: int) -> tuple[float, list[float]]:
     """Register ``n`` fakes expiring over ``spread`` seconds; cleaner CPU and lateness."""
     servers = [FakeServer(random.uniform(0.2, 0.2 + spread)) for _ in range(n)]
-    with passrpc.ServerCollection() as collection:
-        stop = threading.Event()
-
-        def load() -> None:
-            def factory() -> FakeServer:
-                return FakeServer(3600)
-
-            while not stop.is_set():
-                collection.lookup_or_add("busy", factory)
-
-        loaders = [threading.Thread(target=load) for _ in range(load_threads)]
-        for loader in loaders:
-            loader.start()
+    with passrpc.ServerCollection() as collection, lookup_load(collection, load_threads):
         for i, server in enumerate(servers):
             collection.lookup_or_add(i, lambda s=server: s)
         cleaner = collection._cleaner
@@ -146,27 +159,12 @@ def expiries(n: int, spread: float, load_threads: int) -> tuple[float, list[floa
         for server in servers:
             assert server.stopped.wait(spread + 30)
         cpu = thread_cpu(cleaner) - cpu0
-        stop.set()
-        for loader in loaders:
-            loader.join()
     return cpu, [s.lateness for s in servers if s.lateness is not None]
 
 
 def bare_wait_lateness(n: int, load_threads: int) -> list[float]:
     """The floor: a bare Condition.wait(timeout)'s lateness under the same lookup load."""
-    with passrpc.ServerCollection() as collection:
-        stop = threading.Event()
-
-        def load() -> None:
-            def factory() -> FakeServer:
-                return FakeServer(3600)
-
-            while not stop.is_set():
-                collection.lookup_or_add("busy", factory)
-
-        loaders = [threading.Thread(target=load) for _ in range(load_threads)]
-        for loader in loaders:
-            loader.start()
+    with passrpc.ServerCollection() as collection, lookup_load(collection, load_threads):
         condition = threading.Condition()
         late = []
         for _ in range(n):
@@ -174,9 +172,6 @@ def bare_wait_lateness(n: int, load_threads: int) -> list[float]:
             with condition:
                 condition.wait(target - time.monotonic())
             late.append(time.monotonic() - target)
-        stop.set()
-        for loader in loaders:
-            loader.join()
     return late
 
 

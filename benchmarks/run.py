@@ -295,6 +295,22 @@ def _forked(
     return child
 
 
+def _served(
+    stack: contextlib.ExitStack,
+    d: str,
+    name: str,
+    serve: Callable[..., None],
+    *args: Any,
+    cpu: int | None,
+) -> socket.socket:
+    """Fork a raw server (``_serve`` with ``serve`` per connection) and connect to it."""
+    path = os.path.join(d, name.replace(" ", "-") + ".sock")
+    listener = unix_listener(path)
+    _forked(stack, name, _serve, listener, serve, *args, cpu=cpu)
+    listener.close()
+    return _connect(path, stack)
+
+
 def _connect(path: str, stack: contextlib.ExitStack | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
@@ -388,19 +404,11 @@ def _msgpack_fd_client(sock: socket.socket) -> Call:
 
 
 def w1_raw(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
-    path = os.path.join(d, "raw.sock")
-    listener = unix_listener(path)
-    _forked(stack, "raw", _serve, listener, _serve_raw, False, cpu=cpu)
-    listener.close()
-    return _raw_client(_connect(path, stack))
+    return _raw_client(_served(stack, d, "raw", _serve_raw, False, cpu=cpu))
 
 
 def w1_floor(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
-    path = os.path.join(d, "floor.sock")
-    listener = unix_listener(path)
-    _forked(stack, "floor", _serve, listener, _serve_msgpack, False, cpu=cpu)
-    listener.close()
-    return _msgpack_client(_connect(path, stack))
+    return _msgpack_client(_served(stack, d, "floor", _serve_msgpack, False, cpu=cpu))
 
 
 def w1_channel(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
@@ -535,11 +543,7 @@ def w2_mp_connection(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Ca
 
 def w4_raw(size: int) -> Setup:
     def setup(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
-        path = os.path.join(d, f"rawbulk{size}.sock")
-        listener = unix_listener(path)
-        _forked(stack, "raw bulk", _serve, listener, _serve_raw, False, cpu=cpu)
-        listener.close()
-        sock = _connect(path, stack)
+        sock = _served(stack, d, f"raw bulk {size}", _serve_raw, False, cpu=cpu)
         blob = memoryview(os.urandom(size))
         header = HEADER.pack(size)
         hdr = bytearray(4)
@@ -576,11 +580,7 @@ def w4_passrpc(size: int) -> Setup:
 
 
 def w5_floor(stack: contextlib.ExitStack, d: str, cpu: int | None) -> tuple[Call, Call]:
-    path = os.path.join(d, "floorfd.sock")
-    listener = unix_listener(path)
-    _forked(stack, "floor with SCM_RIGHTS", _serve, listener, _serve_msgpack, False, True, cpu=cpu)
-    listener.close()
-    sock = _connect(path, stack)
+    sock = _served(stack, d, "floor with SCM_RIGHTS", _serve_msgpack, False, True, cpu=cpu)
     return _msgpack_client(sock), _msgpack_fd_client(sock)
 
 
