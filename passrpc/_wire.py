@@ -556,6 +556,7 @@ class Decoder:
             except ValueError:
                 pass
             else:
+                # _consumed(start, stop, end), inlined: this runs for every message.
                 self._offset += stop - start
                 if stop == end:
                     self._start = self._end = 0
@@ -580,7 +581,6 @@ class Decoder:
                 )
             ) from exc
         offset = self._offset
-        self._offset = offset + stop - start
         if type(body) is not list or len(body) != 3:
             raise self._fail(
                 ProtocolError(
@@ -590,13 +590,18 @@ class Decoder:
             )
         kind, nfds, payload = body
         frame = self._check_frame(offset, kind, nfds, payload)
+        self._consumed(start, stop, end)
+        return frame
+
+    def _consumed(self, start: int, stop: int, end: int) -> None:
+        """The frame at ``start:stop`` is decoded; ``end`` is where received bytes end."""
+        self._offset += stop - start
         if stop == end:
             self._start = self._end = 0
             if self._oversized or self._fds:
                 self._after_last_frame()
         else:
             self._start = stop
-        return frame
 
     def _unpack_general(self, view: memoryview, hook: Any) -> Any:
         """Decode with every option; placeholders resolve only in frames that carry descriptors."""
