@@ -248,8 +248,14 @@ def client_handshake(
     peer = channel.peer
     check_server_uid(peer, allowed_uids)
     steps = ClientHandshake(key)
-    channel._send(_HANDSHAKE, steps.hello())
     channel._decoder.cap_frame_size(HANDSHAKE_MAX_FRAME)  # nor a server that has not proved it
+    try:
+        channel._send(_HANDSHAKE, steps.hello())
+    except ConnectionClosed:
+        # A server that refuses us (our uid) says why and closes at once, maybe
+        # before our hello left: its reason is still waiting to be read.
+        _expect_handshake(channel, from_server=True)
+        raise
     answer = steps.answer(_expect_handshake(channel, from_server=True))
     channel._decoder.cap_frame_size(None)
     channel._send(_HANDSHAKE, answer)

@@ -459,7 +459,14 @@ async def _open(
             pool.add(channel, raw=raw)
         check_server_uid(channel.peer, server_uids)
         steps = ClientHandshake(key)
-        await channel._send_payload(_HANDSHAKE, steps.hello(), deadline)
+        try:
+            await channel._send_payload(_HANDSHAKE, steps.hello(), deadline)
+        except ConnectionClosed:
+            # A server that refuses us says why and closes at once, maybe before
+            # our hello left: its reason is still waiting to be read.
+            kind, payload = await channel._receive(deadline, wait_first=True)
+            _handshake_payload(kind, payload, from_server=True)
+            raise
         kind, payload = await channel._receive(deadline, wait_first=True)
         answer = steps.answer(_handshake_payload(kind, payload, from_server=True))
         # The client may send its first request right behind its proof.
