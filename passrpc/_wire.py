@@ -372,6 +372,9 @@ class Decoder:
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        # Channel._receive reads _end and _view directly on every message: _end
+        # is 0 exactly when nothing is buffered, and _view is then the whole
+        # buffer to read into. Keep that true when changing either.
         self._buf = bytearray(_INITIAL_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet consumed
