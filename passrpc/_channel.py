@@ -22,11 +22,14 @@ _MESSAGE = int(Kind.MESSAGE)
 _ERROR = int(Kind.ERROR)
 # Plain ints: the socket module's flags are enums, and enum arithmetic is slow
 # on a path that runs for every message.
-_SCM = (int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS))
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SCM = (_SOL_SOCKET, _SCM_RIGHTS)
 _NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _PEERCRED = struct.Struct("3i")
+_INT_SIZE = array.array("i").itemsize
 
 
 #: errno values that mean the peer is gone rather than that we misused the socket.
@@ -177,7 +180,7 @@ class Channel(_SocketEnd):
 
     def _send_buffers(self, buffers: Sequence[Buffer], fds: Sequence[int]) -> None:
         """Send a frame in pieces, its descriptors with the first byte."""
-        ancillary = [(*_SCM, array.array("i", fds))] if fds else []
+        ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
         sent = self._sock.sendmsg(buffers, ancillary, _NOSIGNAL)
         if len(buffers) == 1 and sent == len(buffers[0]):
             return  # the usual case: the whole frame went out at once
@@ -209,7 +212,8 @@ class Channel(_SocketEnd):
                     self._raise(exc, "receiving")
                 # Linux echoes MSG_CMSG_CLOEXEC in flags; only MSG_CTRUNC matters.
                 if ancillary or flags & _CTRUNC or not nbytes:
-                    self._received_unusual(nbytes, ancillary, flags)
+                    # Descriptors, a truncation or end of stream: off the hot path.
+                    _take_ancillary(decoder, nbytes, ancillary, flags, self._limits.max_fds)
                     frame = next_frame()
                 else:
                     frame = next_frame(nbytes)
@@ -218,12 +222,6 @@ class Channel(_SocketEnd):
         except ProtocolError:
             self.close()
             raise
-
-    def _received_unusual(
-        self, nbytes: int, ancillary: list[tuple[int, int, bytes]], flags: int
-    ) -> None:
-        """Descriptors, a truncation or end of stream: off the hot path."""
-        _take_ancillary(self._decoder, nbytes, ancillary, flags, self._limits.max_fds)
 
     def _raise(self, exc: OSError, doing: str, fds: Sequence[int] = ()) -> NoReturn:
         if isinstance(exc, TimeoutError):
@@ -281,10 +279,10 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[FileDescriptor
     """Take ownership of every descriptor in ``ancillary`` at once."""
     fds: list[FileDescriptor] = []
     for level, kind, data in ancillary:
-        if (level, kind) == _SCM:
-            numbers = array.array("i")
-            numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
-            fds += [_adopt(fd) for fd in numbers]
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            if len(data) % _INT_SIZE:  # cut short by MSG_CTRUNC: whole numbers only
+                data = data[: len(data) - len(data) % _INT_SIZE]
+            fds += map(_adopt, array.array("i", data))
     return fds
 
 

@@ -54,6 +54,8 @@ _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 _unpack_header = _HEADER.unpack_from
 _pack_header = _HEADER.pack
+#: A frame's header and the first four bytes of its body, in one call.
+_unpack_start = struct.Struct(">II").unpack_from
 _unpackb = msgpack.unpackb
 
 #: 64 MiB: large enough for any message that should not be a file descriptor
@@ -102,9 +104,14 @@ Buffer = bytes | bytearray | memoryview
 _NO_FDS: list[int] = []  # shared, never mutated: most frames carry no descriptors
 _BINARY = frozenset({bytes, bytearray, memoryview})
 _ARRAY3 = b"\x93"
-_PLAIN_MESSAGE = b"\x93\x00\x00"
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers; a frame stays well below.
-_MAX_BUFFERS = 512  # how [MESSAGE, 0, payload] begins
+_MAX_BUFFERS = 512
+#: The first three body bytes of a message, as the top bytes of a 32-bit
+#: word: [MESSAGE, nfds, ...] packs as 0x93, 0x00, nfds while nfds < 128.
+_MESSAGE_WORD = 0x9300
+_PLAIN_WORD = 0x930000  # ... and with no descriptors
+_FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
+_PLAIN_MESSAGE = b"\x93\x00\x00"
 
 #: A bytes-like value at least this large, among a message's top-level values,
 #: is sent as a buffer of its own instead of being copied into the body (and
@@ -160,12 +167,23 @@ class Descriptor(Protocol):
 _FD_PLACEHOLDERS = [msgpack.ExtType(FD_EXT_CODE, bytes([i])) for i in range(_SCM_MAX_FD + 1)]
 
 
-def _placeholder(index: int) -> msgpack.ExtType:
-    return (
-        _FD_PLACEHOLDERS[index]
-        if index <= _SCM_MAX_FD
-        else msgpack.ExtType(FD_EXT_CODE, index.to_bytes(4, "big"))
+def _unencodable(obj: object) -> EncodeError:
+    """Why msgpack's ``default`` hook got ``obj``, which has no ``fileno()``."""
+    if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
+        return EncodeError(
+            f"the integer {brief(obj)} is outside msgpack's range (-2**63 to 2**64-1): "
+            "send it as a str, or as bytes"
+        )
+    return EncodeError(
+        f"cannot send a value of type {type(obj).__qualname__!r} ({brief(obj)}); "
+        "messages hold None, bool, int, float, str, bytes, list, tuple, dict "
+        "and objects with fileno(): convert it first"
     )
+
+
+def _wide_placeholder(index: int) -> msgpack.ExtType:
+    # Only a frame over any limit gets this far; it is refused after packing.
+    return msgpack.ExtType(FD_EXT_CODE, index.to_bytes(4, "big"))
 
 
 class Encoder:
@@ -184,23 +202,17 @@ class Encoder:
         self._pack = msgpack.Packer(default=self._default, use_bin_type=True, buf_size=4096).pack
 
     def _default(self, obj: object) -> msgpack.ExtType:
-        if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
-            raise EncodeError(
-                f"the integer {brief(obj)} is outside msgpack's range (-2**63 to 2**64-1): "
-                "send it as a str, or as bytes"
-            )
-        fileno = getattr(obj, "fileno", None)
-        if fileno is None:
-            raise EncodeError(
-                f"cannot send a value of type {type(obj).__qualname__!r} ({brief(obj)}); "
-                "messages hold None, bool, int, float, str, bytes, list, tuple, dict "
-                "and objects with fileno(): convert it first"
-            )
+        try:
+            fileno = obj.fileno  # type: ignore[attr-defined]
+        except AttributeError:
+            raise _unencodable(obj) from None
         fd = fileno()
         if not isinstance(fd, int) or fd < 0:
             raise EncodeError(f"{brief(obj)}.fileno() returned {fd!r}, not a descriptor number")
-        self._fds.append(fd)
-        return _placeholder(len(self._fds) - 1)
+        fds = self._fds
+        fds.append(fd)
+        index = len(fds) - 1
+        return _FD_PLACEHOLDERS[index] if index <= _SCM_MAX_FD else _wide_placeholder(index)
 
     def encode(self, kind: int, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
         """Encode one frame.
@@ -251,7 +263,9 @@ class Encoder:
             return EncodeError(f"cannot encode the message: {exc}")
         return None
 
-    def _count_fds(self, body: bytes, kind: int, payload: Any) -> tuple[bytes, list[int]]:
+    def _count_fds(
+        self, body: bytes, kind: int, payload: Any
+    ) -> tuple[bytes | bytearray, list[int]]:
         """Write the descriptor count the body was packed without."""
         fds, self._fds = self._fds, []
         if len(fds) > self._limits.max_fds:
@@ -262,7 +276,9 @@ class Encoder:
         if len(fds) < 0x80:
             # [kind, 0, ...] packs as 0x93, kind, 0x00: the count is byte 2, and
             # a count below 128 is one byte too, so it is patched, not repacked.
-            return body[:2] + bytes((len(fds),)) + body[3:], fds
+            patched = bytearray(body)
+            patched[2] = len(fds)
+            return patched, fds
         try:
             return self._pack((kind, len(fds), payload)), fds
         finally:
@@ -381,7 +397,7 @@ class Decoder:
         self._end = 0  # end of the bytes received
         self._offset = 0  # stream offset of self._start, for error messages
         self._fds: deque[Descriptor] = deque()
-        self._used: list[int] | None = None  # placeholders met in the frame being decoded
+        self._used: list[int] = []  # placeholders met in the frame being decoded
         self._broken: ProtocolError | None = None
         self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
         self._hook = self._ext_hook  # bound once, not on every frame
@@ -394,6 +410,7 @@ class Decoder:
         process set aside more than ``size`` bytes for one frame.
         """
         self._max_frame = self._limits.max_frame_size if size is None else size
+        self._gate_fast_path()
 
     def set_limits(self, limits: Limits) -> None:
         """Apply ``limits`` from the next frame on."""
@@ -414,6 +431,15 @@ class Decoder:
             if getattr(limits, name) is not None
         }
         self._plain = not self._options  # msgpack's defaults are our limits
+        self._gate_fast_path()
+
+    def _gate_fast_path(self) -> None:
+        # One number gates next_frame's fast path: the largest body it takes,
+        # or -1 when it must not run (msgpack's limits are set, which only the
+        # general path passes on, or the decoder is broken).
+        ok = self._plain and self._broken is None
+        self._fast_max = self._max_frame if ok else -1
+        self._fast_fds = min(self._limits.max_fds, _FIXINT_FDS)
 
     @property
     def pending(self) -> int:
@@ -498,21 +524,28 @@ class Decoder:
     def _fail(self, exc: ProtocolError) -> ProtocolError:
         self._broken = exc
         self._start = self._end = 0  # every later call lands on the broken check
-        self._max_frame = -1
-        self._used = None
+        self._max_frame = self._fast_max = -1
         self.close()
         return exc
 
     def _ext_hook(self, code: int, data: bytes) -> object:
+        # Each placeholder met is noted in _used, so that the frame's
+        # descriptors its payload does not mention can be closed.
+        if code == FD_EXT_CODE and len(data) == 1 and data[0] < len(self._fds):
+            self._used.append(data[0])
+            return self._fds[data[0]]
+        return self._ext_hook_rest(code, data)
+
+    def _ext_hook_rest(self, code: int, data: bytes) -> object:
+        """Other extension types, wide placeholders, and placeholders that point nowhere."""
         if code != FD_EXT_CODE:
             return msgpack.ExtType(code, data)
-        index = data[0] if len(data) == 1 else int.from_bytes(data, "big")
-        if not 1 <= len(data) <= 4 or index >= len(self._fds):
+        if not 1 <= len(data) <= 4:
+            raise ValueError(f"a descriptor placeholder of {len(data)} bytes; it takes 1 to 4")
+        index = int.from_bytes(data, "big")
+        if index >= len(self._fds):
             raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
-        if self._used is None:
-            self._used = [index]
-        else:
-            self._used.append(index)
+        self._used.append(index)
         return self._fds[index]
 
     def next_frame(self, received: int = 0) -> tuple[int, Any] | None:
@@ -534,6 +567,30 @@ class Decoder:
         # The hot path of every read: kept flat on purpose.
         start = self._start
         end = self._end + received
+        if start == 0 and end >= HEADER_SIZE + 4:
+            # Nearly every read brings exactly one whole frame into an empty
+            # buffer. Its header and first body bytes, read in one call, tell
+            # whether it is a message, and with how many descriptors.
+            length, word = _unpack_start(self._buf)
+            if length + HEADER_SIZE == end and length <= self._fast_max:
+                if word >> 8 == _PLAIN_WORD and not self._fds:
+                    # [0, 0, payload]: with str map keys msgpack's defaults
+                    # decode it; other keys make it raise ValueError, and the
+                    # general path decodes (or refuses) the frame.
+                    try:
+                        payload = _unpackb(self._view[HEADER_SIZE:end])[2]
+                    except ValueError:
+                        pass
+                    else:
+                        self._offset += end
+                        self._end = 0
+                        if self._oversized:
+                            self._after_last_frame()
+                        return _MESSAGE, payload
+                elif word >> 16 == _MESSAGE_WORD:
+                    frame = self._message_with_fds(end, word >> 8 & 0xFF)
+                    if frame is not None:
+                        return frame
         self._end = end
         if end - start < HEADER_SIZE:
             if self._broken is not None:
@@ -547,12 +604,8 @@ class Decoder:
             return None
         view = self._view[start + HEADER_SIZE : stop]
         buf = self._buf
-        # Nearly every frame is a message without descriptors: its body begins
-        # 0x93 0x00 0x00, so it can only decode to [0, 0, payload], and with
-        # str map keys msgpack's defaults decode it. Calling unpackb without
-        # keywords, and checking nothing it already proved, costs a fraction
-        # of the general path; a map with other keys makes it raise
-        # ValueError, and the general path decodes (or refuses) the frame.
+        # Several frames in the buffer: a message without descriptors still
+        # skips the general path, as above.
         if self._plain and length >= 3 and buf.startswith(_PLAIN_MESSAGE, start + HEADER_SIZE):
             try:
                 payload = _unpackb(view)[2]
@@ -569,6 +622,31 @@ class Decoder:
                     self._start = stop
                 return _MESSAGE, payload
         return self._next_general(start, stop, end, view)
+
+    def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:
+        """Decode the one whole frame in the buffer, a message that carries ``nfds`` descriptors.
+
+        Only when exactly its descriptors arrived with it and msgpack's
+        defaults decode it; None leaves the frame to the general path, which
+        decodes it or says what is wrong with it.
+        """
+        fds = self._fds
+        if nfds != len(fds) or nfds > self._fast_fds:  # (nfds is not 0: fds are waiting)
+            return None
+        self._used = []
+        try:
+            payload = _unpackb(self._view[HEADER_SIZE:end], ext_hook=self._hook)[2]
+        except ValueError:
+            return None
+        used = self._used
+        if len(used) < nfds or (nfds > 1 and len(set(used)) < nfds):
+            _close_unmentioned(list(fds), used)
+        fds.clear()
+        self._offset += end
+        self._end = 0
+        if self._oversized:
+            self._after_last_frame()
+        return _MESSAGE, payload
 
     def _next_general(self, start: int, stop: int, end: int, view: memoryview) -> tuple[int, Any]:
         """Decode any frame, checking every field: the path of all but plain messages."""
@@ -608,7 +686,7 @@ class Decoder:
 
     def _unpack_general(self, view: memoryview, hook: Any) -> Any:
         """Decode with every option; placeholders resolve only in frames that carry descriptors."""
-        self._used = None
+        self._used = []
         if hook is None:
             return _unpackb(view, strict_map_key=False, **self._options)
         return _unpackb(view, strict_map_key=False, ext_hook=hook, **self._options)
@@ -654,8 +732,8 @@ class Decoder:
                     f"{len(self._fds)} arrived with it"
                 )
             )
-        used, self._used = self._used, None
-        if used is not None and max(used) >= nfds:
+        used = self._used
+        if used and max(used) >= nfds:
             raise self._fail(
                 ProtocolError(
                     f"frame at stream offset {offset} refers to descriptor {max(used)} "
@@ -664,17 +742,22 @@ class Decoder:
             )
         popleft = self._fds.popleft
         taken = [popleft() for _ in range(nfds)]
-        if used is None or len(used) < nfds or len(set(used)) < nfds:
-            mentioned = set(used or ())
-            for index, fd in enumerate(taken):
-                if index not in mentioned:
-                    fd.close()
+        if len(used) < nfds or len(set(used)) < nfds:
+            _close_unmentioned(taken, used)
         return kind, payload
 
     def close(self) -> None:
         """Close every descriptor received and not yet handed out in a frame."""
         while self._fds:
             self._fds.popleft().close()
+
+
+def _close_unmentioned(taken: list[Descriptor], used: list[int]) -> None:
+    """Close a frame's descriptors that its payload does not mention: nobody else could."""
+    mentioned = set(used)
+    for index, fd in enumerate(taken):
+        if index not in mentioned:
+            fd.close()
 
 
 _REPR = reprlib.Repr()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -41,6 +42,9 @@ class FakeFd:
 
     def __hash__(self) -> int:
         return self.number
+
+    def __repr__(self) -> str:
+        return f"FakeFd({self.number})"
 
 
 def normalize(value: Any) -> Any:
@@ -363,3 +367,69 @@ class TestLargeValuesAndDescriptorCounts:
         got = [FakeFd(1000 + i) for i in range(nfds)]
         [(_, payload)] = decode_all(data, got, limits)
         assert payload == ["fds", got]
+
+
+def _placeholder(index: int, width: int = 1) -> msgpack.ExtType:
+    return msgpack.ExtType(FD_EXT_CODE, index.to_bytes(width, "big"))
+
+
+def _outcome(data: bytes, nfds_sent: int, after_another_frame: bool) -> tuple[Any, ...]:
+    """Decode ``data`` alone (the decoder's one-whole-frame fast path) or behind
+    another frame (the general path); say what came out and what was closed."""
+    fds = [FakeFd(100 + i) for i in range(nfds_sent)]
+    lead = frame(Kind.MESSAGE, 0, ["lead"]) if after_another_frame else b""
+    decoder = Decoder()
+    decoder.receive_data(lead + data, fds)
+    if lead:
+        assert decoder.next_frame() == (Kind.MESSAGE, ["lead"])
+    try:
+        got = decoder.next_frame()
+    except ProtocolError as exc:
+        result: Any = ("error", re.sub(r"offset \d+", "offset N", str(exc)))
+    else:
+        result = ("frame", repr(normalize(got)))
+    return result, [fd.closed for fd in fds]
+
+
+class TestBothDecodingPathsAgree:
+    """A frame alone in the buffer takes a fast path; behind another, the general
+    one. Whatever the frame, both give the same payload, close the same
+    descriptors and raise the same error."""
+
+    @pytest.mark.parametrize(
+        ("body", "nfds_sent"),
+        [
+            pytest.param([0, 1, ["x", _placeholder(0)]], 1, id="one-descriptor"),
+            pytest.param([0, 2, ["x", _placeholder(1)]], 2, id="one-unmentioned"),
+            pytest.param([0, 2, [_placeholder(0), _placeholder(0)]], 2, id="one-named-twice"),
+            pytest.param([0, 2, [{1: _placeholder(0), "a": _placeholder(1)}]], 2, id="int-keys"),
+            pytest.param([0, 1, [_placeholder(0), msgpack.ExtType(42, b"ok")]], 1, id="user-ext"),
+            pytest.param([0, 1, [_placeholder(0, 4)]], 1, id="wide-placeholder"),
+            pytest.param([0, 1, [_placeholder(0, 5)]], 1, id="too-wide-placeholder"),
+            pytest.param([0, 1, [_placeholder(1)]], 2, id="placeholder-past-count"),
+            pytest.param([0, 1, [_placeholder(2)]], 2, id="placeholder-past-arrived"),
+            pytest.param([0, 2, [_placeholder(0)]], 1, id="count-over-arrived"),
+            pytest.param([0, 1, []], 2, id="fewer-counted-than-arrived"),
+            pytest.param([0, 0, ["plain"]], 1, id="stray-with-plain"),
+            pytest.param([0, 1, [_placeholder(0), b"\xff".decode("latin-1")]], 1, id="str"),
+        ],
+    )
+    def test_same_outcome(self, body: list[Any], nfds_sent: int) -> None:
+        packed = msgpack.packb(body)
+        data = struct.pack(">I", len(packed)) + packed
+        assert _outcome(data, nfds_sent, False) == _outcome(data, nfds_sent, True)
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            pytest.param(b"\x93\x00\x01\x91\xd4\x01\x00\xc0", id="trailing-byte"),
+            pytest.param(b"\x93\x00\x01\x92\xd4\x01\x00\xa1\xff", id="bad-utf8"),
+            pytest.param(b"\x93\x00\x01\x91\xd4\x01", id="cut-short"),
+        ],
+    )
+    def test_same_outcome_for_broken_bodies(self, raw: bytes) -> None:
+        data = struct.pack(">I", len(raw)) + raw
+        outcomes = _outcome(data, 1, False), _outcome(data, 1, True)
+        assert outcomes[0] == outcomes[1]
+        assert outcomes[0][0][0] == "error"
+        assert outcomes[0][1] == [True]  # the descriptor did not leak
