@@ -168,6 +168,12 @@ class _Connection:
         self.close()
 
 
+class _PerThread(threading.local):
+    """A proxy's per-thread state: the thread's connection, None until its first call."""
+
+    connection: _Connection | None = None
+
+
 class Proxy(_ProxyBase):
     """Calls a server's handlers as methods: ``proxy.hello("Joe", "Dalton")``.
 
@@ -196,13 +202,13 @@ class Proxy(_ProxyBase):
         super().__init__(
             socket_path, password, timeout=timeout, limits=limits, server_uids=server_uids
         )
-        self._local = threading.local()
+        self._local = _PerThread()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
 
     def _channel(self) -> Channel:
-        connection: _Connection | None = getattr(self._local, "connection", None)
+        connection = self._local.connection
         if connection is not None and connection.generation == _generation[0]:
             return connection.channel
         return self._reconnect()
@@ -230,7 +236,7 @@ class Proxy(_ProxyBase):
         return channel
 
     def _drop(self) -> None:
-        connection: _Connection | None = getattr(self._local, "connection", None)
+        connection = self._local.connection
         if connection is not None:
             self._local.connection = None
             connection.close()
@@ -249,7 +255,7 @@ class Proxy(_ProxyBase):
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = _UNSET
     ) -> Any:
         # The hot path of every proxy call: kept flat on purpose.
-        connection: _Connection | None = getattr(self._local, "connection", None)
+        connection = self._local.connection
         if connection is not None and connection.generation == _generation[0]:
             channel = connection.channel
         else:

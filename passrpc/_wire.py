@@ -112,6 +112,7 @@ _MESSAGE_WORD = 0x9300
 _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
 _PLAIN_MESSAGE = b"\x93\x00\x00"
+_FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
 
 #: A bytes-like value at least this large, among a message's top-level values,
 #: is sent as a buffer of its own instead of being copied into the body (and
@@ -436,7 +437,8 @@ class Decoder:
     def _gate_fast_path(self) -> None:
         # One number gates next_frame's fast path: the largest body it takes,
         # or -1 when it must not run (msgpack's limits are set, which only the
-        # general path passes on, or the decoder is broken).
+        # general path passes on; the decoder is broken; or the buffer grew
+        # past _RETAIN_BUFFER, and the general path must drop it after).
         ok = self._plain and self._broken is None
         self._fast_max = self._max_frame if ok else -1
         self._fast_fds = min(self._limits.max_fds, _FIXINT_FDS)
@@ -494,6 +496,8 @@ class Decoder:
             self._buf = buf
             self._view = memoryview(buf)
             self._oversized = size > _RETAIN_BUFFER
+            if self._oversized:
+                self._fast_max = -1  # its frame takes the general path, which drops it after
         self._start, self._end = 0, pending
         return self._view[pending:]
 
@@ -567,7 +571,7 @@ class Decoder:
         # The hot path of every read: kept flat on purpose.
         start = self._start
         end = self._end + received
-        if start == 0 and end >= HEADER_SIZE + 4:
+        if start == 0 and end >= _FAST_MIN:
             # Nearly every read brings exactly one whole frame into an empty
             # buffer. Its header and first body bytes, read in one call, tell
             # whether it is a message, and with how many descriptors.
@@ -584,8 +588,6 @@ class Decoder:
                     else:
                         self._offset += end
                         self._end = 0
-                        if self._oversized:
-                            self._after_last_frame()
                         return _MESSAGE, payload
                 elif word >> 16 == _MESSAGE_WORD:
                     frame = self._message_with_fds(end, word >> 8 & 0xFF)
@@ -644,8 +646,6 @@ class Decoder:
         fds.clear()
         self._offset += end
         self._end = 0
-        if self._oversized:
-            self._after_last_frame()
         return _MESSAGE, payload
 
     def _next_general(self, start: int, stop: int, end: int, view: memoryview) -> tuple[int, Any]:
@@ -709,6 +709,7 @@ class Decoder:
         self._buf = bytearray(_INITIAL_BUFFER)
         self._view = memoryview(self._buf)
         self._oversized = False
+        self._gate_fast_path()
 
     def _check_frame(self, offset: int, kind: Any, nfds: Any, payload: Any) -> tuple[int, Any]:
         if type(kind) is not int or kind not in _KINDS:
