@@ -111,7 +111,6 @@ class Channel(_SocketEnd):
         sock.settimeout(timeout)
         # Bound once: the read and write paths below run for every message.
         self._encode = self._encoder.encode
-        self._next_frame = self._decoder.next_frame
         self._sendall = sock.sendall
         self._recvmsg_into = sock.recvmsg_into
 
@@ -190,18 +189,19 @@ class Channel(_SocketEnd):
 
     def _receive(self, deadline: float | None = None) -> tuple[int, Any]:
         """Return the next frame; with ``deadline`` (a monotonic time) the whole read is bounded."""
-        next_frame = self._next_frame
         decoder = self._decoder
         try:
             # The read path of every message. The decoder's fill mark (_end) is
             # 0 when it holds nothing: then its whole buffer (_view) is the
             # place to read into, and asking it for a frame first is pointless.
-            if decoder._end:
-                frame = next_frame()
+            if decoder._end == 0:
+                buffer = decoder._view
+            else:
+                frame = decoder.next_frame()
                 if frame is not None:
                     return frame
+                buffer = decoder.get_buffer()
             while True:
-                buffer = decoder._view if decoder._end == 0 else decoder.get_buffer()
                 if deadline is not None:  # a bound for the frame, not for each read of it
                     self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 try:
@@ -214,11 +214,12 @@ class Channel(_SocketEnd):
                 if ancillary or flags & _CTRUNC or not nbytes:
                     # Descriptors, a truncation or end of stream: off the hot path.
                     _take_ancillary(decoder, nbytes, ancillary, flags, self._limits.max_fds)
-                    frame = next_frame()
+                    frame = decoder.next_frame()
                 else:
-                    frame = next_frame(nbytes)
+                    frame = decoder.next_frame(nbytes)
                 if frame is not None:
                     return frame
+                buffer = decoder.get_buffer()
         except ProtocolError:
             self.close()
             raise
