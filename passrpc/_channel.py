@@ -24,7 +24,6 @@ _ERROR = int(Kind.ERROR)
 # on a path that runs for every message.
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
-_SCM = (_SOL_SOCKET, _SCM_RIGHTS)
 _NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _CTRUNC = int(socket.MSG_CTRUNC)

@@ -207,6 +207,8 @@ class Encoder:
             fileno = obj.fileno  # type: ignore[attr-defined]
         except AttributeError:
             raise _unencodable(obj) from None
+        if fileno is None:  # as some classes say "no fileno here"
+            raise _unencodable(obj)
         fd = fileno()
         if not isinstance(fd, int) or fd < 0:
             raise EncodeError(f"{brief(obj)}.fileno() returned {fd!r}, not a descriptor number")
@@ -328,8 +330,9 @@ class Encoder:
                     f"a message carries {len(fds)} descriptors, over the limit of "
                     f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
                 )
-            first = bytes(parts[0])  # always a joined bytes object: patch its count byte
-            parts[0] = first[:2] + bytes((len(fds),)) + first[3:]
+            patched = bytearray(parts[0])  # the joined first piece: patch its count byte
+            patched[2] = len(fds)
+            parts[0] = patched
         size = sum(len(part) for part in parts)
         if size > self._max_frame:
             raise self._too_large(size)
@@ -432,6 +435,7 @@ class Decoder:
             if getattr(limits, name) is not None
         }
         self._plain = not self._options  # msgpack's defaults are our limits
+        self._fast_fds = min(limits.max_fds, _FIXINT_FDS)
         self._gate_fast_path()
 
     def _gate_fast_path(self) -> None:
@@ -439,9 +443,8 @@ class Decoder:
         # or -1 when it must not run (msgpack's limits are set, which only the
         # general path passes on; the decoder is broken; or the buffer grew
         # past _RETAIN_BUFFER, and the general path must drop it after).
-        ok = self._plain and self._broken is None
+        ok = self._plain and self._broken is None and not self._oversized
         self._fast_max = self._max_frame if ok else -1
-        self._fast_fds = min(self._limits.max_fds, _FIXINT_FDS)
 
     @property
     def pending(self) -> int:
@@ -584,11 +587,11 @@ class Decoder:
                     try:
                         payload = _unpackb(self._view[HEADER_SIZE:end])[2]
                     except ValueError:
-                        pass
-                    else:
-                        self._offset += end
-                        self._end = 0
-                        return _MESSAGE, payload
+                        self._end = end
+                        return self._next_general(0, end, end, self._view[HEADER_SIZE:end])
+                    self._offset += end
+                    self._end = 0
+                    return _MESSAGE, payload
                 elif word >> 16 == _MESSAGE_WORD:
                     frame = self._message_with_fds(end, word >> 8 & 0xFF)
                     if frame is not None:
@@ -633,11 +636,13 @@ class Decoder:
         decodes it or says what is wrong with it.
         """
         fds = self._fds
-        if nfds != len(fds) or nfds > self._fast_fds:  # (nfds is not 0: fds are waiting)
+        if nfds != len(fds) or nfds > self._fast_fds:
             return None
         self._used = []
         try:
-            payload = _unpackb(self._view[HEADER_SIZE:end], ext_hook=self._hook)[2]
+            payload = _unpackb(
+                self._view[HEADER_SIZE:end], strict_map_key=False, ext_hook=self._hook
+            )[2]
         except ValueError:
             return None
         used = self._used

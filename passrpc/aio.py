@@ -39,7 +39,15 @@ from ._auth import (
     check_server_uid,
     password_key,
 )
-from ._channel import _CTRUNC, _SCM, _os_error, _SocketEnd, _take_ancillary, _unsent
+from ._channel import (
+    _CTRUNC,
+    _SCM_RIGHTS,
+    _SOL_SOCKET,
+    _os_error,
+    _SocketEnd,
+    _take_ancillary,
+    _unsent,
+)
 from ._client import (
     _check_described,
     _dress,
@@ -307,7 +315,7 @@ class AsyncChannel(_SocketEnd, _AsyncClosing):
             while True:
                 try:
                     if sent == 0:
-                        ancillary = [(*_SCM, array.array("i", fds))] if fds else []
+                        ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
                         sent = self._sock.sendmsg(buffers, ancillary, _NOSIGNAL)
                         rest = _unsent(buffers, sent)
                     else:

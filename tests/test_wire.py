@@ -47,6 +47,12 @@ class FakeFd:
         return f"FakeFd({self.number})"
 
 
+class _NoFileno:
+    """Says it has no descriptor the way some classes do: ``fileno = None``."""
+
+    fileno = None
+
+
 def normalize(value: Any) -> Any:
     """What a value looks like after a trip: tuples become lists."""
     if isinstance(value, (list, tuple)):
@@ -316,7 +322,7 @@ class TestGarbage:
         except ProtocolError:
             pass
 
-    @pytest.mark.parametrize("value", [object(), {1, 2}, 2**64, "\ud800"])
+    @pytest.mark.parametrize("value", [object(), {1, 2}, 2**64, "\ud800", _NoFileno()])
     def test_unencodable_values_raise_encode_error(self, value: object) -> None:
         """Values msgpack cannot carry raise EncodeError (a TypeError) naming the problem."""
         with pytest.raises(EncodeError):
@@ -433,3 +439,19 @@ class TestBothDecodingPathsAgree:
         assert outcomes[0] == outcomes[1]
         assert outcomes[0][0][0] == "error"
         assert outcomes[0][1] == [True]  # the descriptor did not leak
+
+    @pytest.mark.parametrize(
+        ("payload", "nfds"),
+        [(["plain", {"k": 1}], 0), (["x", FakeFd(3)], 1), ([{1: FakeFd(3)}, FakeFd(4)], 2)],
+    )
+    def test_a_frame_alone_takes_the_fast_path(self, payload: list[Any], nfds: int) -> None:
+        """The comparison above means something only if the fast path runs: it does."""
+        data, _ = encode_frame(Kind.MESSAGE, payload)
+        decoder = Decoder()
+
+        def general(*args: Any) -> Any:
+            raise AssertionError("the general path ran")
+
+        decoder._next_general = general  # type: ignore[method-assign]
+        decoder.receive_data(data, [FakeFd(100 + i) for i in range(nfds)])
+        assert decoder.next_frame() is not None

@@ -1,0 +1,161 @@
+"""Instructions executed per operation, counted by valgrind's callgrind: figures that do not drift.
+
+Run from the repository root (valgrind must be installed; about a minute):
+
+    python benchmarks/instructions.py            # every operation
+    python benchmarks/instructions.py chan_fd    # some operations only
+
+Wall-clock figures on a virtual machine move by tens of percent between
+runs; the number of instructions a loop executes in user space does not.
+Each operation runs for 1,000 and then 3,000 iterations under callgrind,
+both ends in this one process over a socketpair; the difference of the two
+totals divided by 2,000 is its cost per iteration, free of start-up costs.
+The kernel's work is not counted (callgrind sees user space only), so these
+figures compare the Python around the system calls, not whole calls.
+
+Operations:
+
+floor_rt      one round trip of the floor: raw socket + 4-byte prefix + msgpack
+chan_rt       one round trip of two passrpc Channels (write, read, write, read)
+chan_plain    one plain message from one Channel to the other
+chan_fd       one message carrying a descriptor, Channel to Channel; the
+              receiver closes it
+proxy_client  a proxy call's client side, against canned replies
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OPERATIONS = ("floor_rt", "chan_rt", "chan_plain", "chan_fd", "proxy_client")
+RUNS = (1000, 3000)
+
+
+def run(operation: str, n: int) -> None:
+    """The loop that callgrind counts (this script, run again with ``--loop``)."""
+    import socket
+    import struct
+
+    import msgpack
+
+    sys.path.insert(0, ROOT)
+    from passrpc import Channel, FileDescriptor
+    from passrpc._client import proxy_class
+    from passrpc._wire import encode_frame
+
+    if operation == "floor_rt":
+        header = struct.Struct(">I")
+        a, b = socket.socketpair()
+        buffers = [memoryview(bytearray(65536)) for _ in range(2)]
+
+        def receive(sock: socket.socket, view: memoryview) -> object:
+            sock.recv_into(view, 4)
+            (length,) = header.unpack_from(view)
+            got = 0
+            while got < length:
+                got += sock.recv_into(view[got:length], length - got)
+            return msgpack.unpackb(view[:length])
+
+        for i in range(n):
+            out = msgpack.packb(["echo", i])
+            a.sendall(header.pack(len(out)) + out)
+            request = receive(b, buffers[0])
+            out = msgpack.packb([request[1]])  # type: ignore[index]
+            b.sendall(header.pack(len(out)) + out)
+            receive(a, buffers[1])
+    elif operation == "chan_rt":
+        c, d = Channel.pair()
+        for i in range(n):
+            c.write("echo", i)
+            values = d.read()
+            d.write(*values[1:])
+            c.read()
+    elif operation == "chan_plain":
+        c, d = Channel.pair()
+        for i in range(n):
+            c.write(i)
+            d.read()
+    elif operation == "chan_fd":
+        c, d = Channel.pair()
+        r, _w = os.pipe()
+        fd = FileDescriptor(r)
+        for _ in range(n):
+            c.write(fd)
+            d.read()[0].close()
+    elif operation == "proxy_client":
+        c, d = Channel.pair()
+        server_end = d._sock
+        sink = bytearray(65536)
+        proxy_type = proxy_class(
+            [
+                {
+                    "name": "echo",
+                    "params": [{"name": "x", "kind": 1}],
+                    "doc": "",
+                    "raw": False,
+                    "signature": "(x)",
+                }
+            ]
+        )
+        proxy = proxy_type("/nonexistent", "pw", timeout=None, limits=c._limits, server_uids=None)
+        proxy._adopt(c)
+        reply = encode_frame(0, (1,))[0]
+        echo = proxy.echo
+        for i in range(n):
+            server_end.sendall(reply)
+            echo(i)
+            server_end.recv_into(sink)
+    else:
+        raise SystemExit(f"unknown operation {operation!r}; choose from {', '.join(OPERATIONS)}")
+
+
+def count(operation: str, n: int) -> int:
+    """Instructions callgrind collects for ``n`` iterations of ``operation`` (start-up included)."""
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--loop",
+            operation,
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},  # same dict layouts in every run
+    )
+    match = re.search(r"Collected : (\d+)", out.stderr)
+    if match is None:
+        raise SystemExit(f"callgrind printed no total for {operation}:\n{out.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--loop"]:
+        run(sys.argv[2], int(sys.argv[3]))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
+    operations = sys.argv[1:] or list(OPERATIONS)
+    results: dict[str, int] = {}
+    for operation in operations:
+        few, many = (count(operation, n) for n in RUNS)
+        results[operation] = round((many - few) / (RUNS[1] - RUNS[0]))
+        print(f"{operation:14s} {results[operation]:8,d} instructions", flush=True)
+    if "floor_rt" in results and "chan_rt" in results:
+        print(f"chan_rt / floor_rt: {results['chan_rt'] / results['floor_rt']:.2f}x")
+    if "chan_plain" in results and "chan_fd" in results:
+        print(f"chan_fd / chan_plain: {results['chan_fd'] / results['chan_plain']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
