@@ -111,7 +111,7 @@ _MAX_BUFFERS = 512
 _MESSAGE_WORD = 0x9300
 _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
-_PLAIN_MESSAGE = b"\x93\x00\x00"
+_PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
 
 #: A bytes-like value at least this large, among a message's top-level values,
@@ -631,9 +631,9 @@ class Decoder:
     def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:
         """Decode the one whole frame in the buffer, a message that carries ``nfds`` descriptors.
 
-        Only when exactly its descriptors arrived with it and msgpack's
-        defaults decode it; None leaves the frame to the general path, which
-        decodes it or says what is wrong with it.
+        Only when exactly its descriptors arrived with it (at most 127) and it
+        decodes without error; None leaves the frame to the general path,
+        which decodes it or says what is wrong with it.
         """
         fds = self._fds
         if nfds != len(fds) or nfds > self._fast_fds:
