@@ -19,7 +19,6 @@ it from one loop at a time, e.g. under successive ``asyncio.run()`` calls).
 
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import socket
@@ -41,9 +40,8 @@ from ._auth import (
 )
 from ._channel import (
     _CTRUNC,
-    _SCM_RIGHTS,
-    _SOL_SOCKET,
     _os_error,
+    _scm_rights,
     _SocketEnd,
     _take_ancillary,
     _unsent,
@@ -315,8 +313,7 @@ class AsyncChannel(_SocketEnd, _AsyncClosing):
             while True:
                 try:
                     if sent == 0:
-                        ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
-                        sent = self._sock.sendmsg(buffers, ancillary, _NOSIGNAL)
+                        sent = self._sock.sendmsg(buffers, _scm_rights(fds), _NOSIGNAL)
                         rest = _unsent(buffers, sent)
                     else:
                         n = self._sock.sendmsg(rest, [], _NOSIGNAL)
