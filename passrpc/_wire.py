@@ -182,6 +182,17 @@ def _unencodable(obj: object) -> EncodeError:
     )
 
 
+def _with_count(body: Buffer, nfds: int) -> bytearray:
+    """``body`` with ``nfds`` (below 128) as its descriptor count.
+
+    [kind, 0, ...] packs as 0x93, kind, 0x00: the count is byte 2, and a
+    count below 128 is one byte too, so it is patched, not repacked.
+    """
+    patched = bytearray(body)
+    patched[2] = nfds
+    return patched
+
+
 def _wide_placeholder(index: int) -> msgpack.ExtType:
     # Only a frame over any limit gets this far; it is refused after packing.
     return msgpack.ExtType(FD_EXT_CODE, index.to_bytes(4, "big"))
@@ -277,11 +288,7 @@ class Encoder:
                 f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
             )
         if len(fds) < 0x80:
-            # [kind, 0, ...] packs as 0x93, kind, 0x00: the count is byte 2, and
-            # a count below 128 is one byte too, so it is patched, not repacked.
-            patched = bytearray(body)
-            patched[2] = len(fds)
-            return patched, fds
+            return _with_count(body, len(fds)), fds
         try:
             return self._pack((kind, len(fds), payload)), fds
         finally:
@@ -330,9 +337,7 @@ class Encoder:
                     f"a message carries {len(fds)} descriptors, over the limit of "
                     f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
                 )
-            patched = bytearray(parts[0])  # the joined first piece: patch its count byte
-            patched[2] = len(fds)
-            parts[0] = patched
+            parts[0] = _with_count(parts[0], len(fds))  # the joined first piece
         size = sum(len(part) for part in parts)
         if size > self._max_frame:
             raise self._too_large(size)
@@ -617,14 +622,7 @@ class Decoder:
             except ValueError:
                 pass
             else:
-                # _consumed(start, stop, end), inlined: this runs for every message.
-                self._offset += stop - start
-                if stop == end:
-                    self._start = self._end = 0
-                    if self._oversized or self._fds:
-                        self._after_last_frame()
-                else:
-                    self._start = stop
+                self._consumed(start, stop, end)
                 return _MESSAGE, payload
         return self._next_general(start, stop, end, view)
 
