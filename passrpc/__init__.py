@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._channel import Channel, Peer
 from ._client import Proxy, connect
 from ._collection import CollectionClosed, CollectionStatistics, ServerCollection
+from ._dispatch import current_peer
 from ._errors import (
     AuthenticationError,
     ConfigurationError,
@@ -27,7 +28,8 @@ from ._errors import (
     UnknownMessage,
 )
 from ._fd import FileDescriptor
-from ._server import Server, current_peer, handler, on_signal
+from ._registry import handler, on_signal
+from ._server import Server
 from ._wire import PROTOCOL_VERSION, Limits
 
 __version__ = "0.1.0"

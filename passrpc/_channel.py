@@ -14,19 +14,20 @@ from typing import Any, NoReturn
 
 import attrs
 
+from ._decoder import Decoder
 from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError, Timeout
 from ._fd import FileDescriptor
-from ._wire import DEFAULT_LIMITS, Buffer, Decoder, Encoder, Kind, Limits, error_from_payload
+from ._protocol import OutOfStep, message_values
+from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Kind, Limits, WireOptions
 
 _MESSAGE = int(Kind.MESSAGE)
-_ERROR = int(Kind.ERROR)
 # Plain ints: the socket module's flags are enums, and enum arithmetic is slow
 # on a path that runs for every message.
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-_CTRUNC = int(socket.MSG_CTRUNC)
+CTRUNC = int(socket.MSG_CTRUNC)
 _PEERCRED = struct.Struct("3i")
 _INT_SIZE = array.array("i").itemsize
 # One descriptor, the usual case, packs and unpacks faster with struct than
@@ -60,7 +61,7 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(*_PEERCRED.unpack(data))
 
 
-class _SocketEnd:
+class SocketEnd:
     """What every channel (this one and the asyncio one) says about its socket."""
 
     _sock: socket.socket
@@ -81,7 +82,7 @@ class _SocketEnd:
         return self._sock.fileno()
 
 
-class Channel(_SocketEnd):
+class Channel(SocketEnd):
     """One connected Unix stream socket that carries whole messages and descriptors.
 
     ``write(*values)`` sends one message; ``read()`` returns the next one as a
@@ -95,6 +96,8 @@ class Channel(_SocketEnd):
         sock: a connected ``AF_UNIX`` ``SOCK_STREAM`` socket; the channel owns it.
         timeout: seconds a read or write may block, or None to wait forever.
         limits: what the peer may send (:class:`Limits`).
+        wire: every wire option at once, for passrpc's own layers (it
+            overrides ``limits``).
     """
 
     def __init__(
@@ -103,12 +106,16 @@ class Channel(_SocketEnd):
         *,
         timeout: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        wire: WireOptions | None = None,
     ) -> None:
+        if wire is None:
+            wire = WireOptions(limits)
         self._sock = sock
-        self._limits = limits
-        self._encoder = Encoder(limits)
-        self._decoder = Decoder(limits)
-        self._ancbufsize = socket.CMSG_SPACE(limits.max_fds * 4) if limits.max_fds else 0
+        self._wire = wire
+        self._max_fds = max_fds = wire.limits.max_fds
+        self._encoder = Encoder(wire)
+        self._decoder = Decoder(wire)
+        self._ancbufsize = socket.CMSG_SPACE(max_fds * 4) if max_fds else 0
         self._closed = False
         sock.settimeout(timeout)
         # Bound once: the read and write paths below run for every message.
@@ -122,7 +129,8 @@ class Channel(_SocketEnd):
     ) -> tuple[Channel, Channel]:
         """Return two channels joined by a fresh ``socketpair()``: handy for a forked child."""
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        return cls(a, timeout=timeout, limits=limits), cls(b, timeout=timeout, limits=limits)
+        wire = WireOptions(limits)
+        return cls(a, timeout=timeout, wire=wire), cls(b, timeout=timeout, wire=wire)
 
     @property
     def timeout(self) -> float | None:
@@ -144,7 +152,7 @@ class Channel(_SocketEnd):
             Timeout: the peer did not take the bytes in time; the channel is
                 closed, since part of a frame may have gone out.
         """
-        self._send(_MESSAGE, values)
+        self.send_frame(_MESSAGE, values)
 
     def read(self) -> tuple[Any, ...]:
         """Wait for the next message and return its values as a tuple.
@@ -157,19 +165,20 @@ class Channel(_SocketEnd):
                 error frame instead of a message.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
-        kind, payload = self._receive()
+        kind, payload = self.receive_frame()
         if kind == _MESSAGE and type(payload) is list:
             return tuple(payload)
-        self._unexpected(kind, payload)
-        return None
+        try:
+            return message_values(kind, payload)
+        except OutOfStep:
+            self.close()
+            raise
 
-    def _unexpected(self, kind: int, payload: Any) -> NoReturn:
-        if kind == _ERROR:
-            raise error_from_payload(payload)
-        self.close()
-        raise ProtocolError(f"expected a message, the peer sent a frame of kind {kind!r}")
+    # The frame level: what passrpc's own layers (the handshake, the server's
+    # dispatch, the proxies) speak; most code wants read() and write().
 
-    def _send(self, kind: int, payload: Any) -> None:
+    def send_frame(self, kind: int, payload: Any) -> None:
+        """Send one frame of ``kind`` (see ``docs/protocol.md``); raises as :meth:`write`."""
         buffers, fds = self._encode(kind, payload)
         try:
             if fds or len(buffers) > 1:
@@ -181,22 +190,26 @@ class Channel(_SocketEnd):
 
     def _send_buffers(self, buffers: Sequence[Buffer], fds: Sequence[int]) -> None:
         """Send a frame in pieces, its descriptors with the first byte."""
-        sent = self._sock.sendmsg(buffers, _scm_rights(fds), _NOSIGNAL)
+        sent = self._sock.sendmsg(buffers, scm_rights(fds), _NOSIGNAL)
         if len(buffers) == 1 and sent == len(buffers[0]):
             return  # the usual case: the whole frame went out at once
-        rest = _unsent(buffers, sent)
+        rest = unsent(buffers, sent)
         while rest:  # a signal or a timeout cut the send short: the rest, without descriptors
-            rest = _unsent(rest, self._sock.sendmsg(rest, [], _NOSIGNAL))
+            rest = unsent(rest, self._sock.sendmsg(rest, [], _NOSIGNAL))
 
-    def _receive(self, deadline: float | None = None) -> tuple[int, Any]:
-        """Return the next frame; with ``deadline`` (a monotonic time) the whole read is bounded."""
+    def receive_frame(self, deadline: float | None = None) -> tuple[int, Any]:
+        """Return the next frame as ``(kind, payload)``; raises as :meth:`read`, but for error frames.
+
+        With ``deadline`` (a ``time.monotonic()`` value) the whole read is
+        bounded, however slowly the peer trickles its bytes in.
+        """
         decoder = self._decoder
         try:
-            # The read path of every message. The decoder's fill mark (_end) is
-            # 0 when it holds nothing: then its whole buffer (_view) is the
+            # The read path of every message. The decoder's fill mark (end) is
+            # 0 when it holds nothing: then its whole buffer (view) is the
             # place to read into, and asking it for a frame first is pointless.
-            if decoder._end == 0:
-                buffer = decoder._view
+            if decoder.end == 0:
+                buffer = decoder.view
             else:
                 frame = decoder.next_frame()
                 if frame is not None:
@@ -212,9 +225,9 @@ class Channel(_SocketEnd):
                 except OSError as exc:
                     self._raise(exc, "receiving")
                 # Linux echoes MSG_CMSG_CLOEXEC in flags; only MSG_CTRUNC matters.
-                if ancillary or flags & _CTRUNC or not nbytes:
+                if ancillary or flags & CTRUNC or not nbytes:
                     # Descriptors, a truncation or end of stream: off the hot path.
-                    _take_ancillary(decoder, nbytes, ancillary, flags, self._limits.max_fds)
+                    take_ancillary(decoder, nbytes, ancillary, flags, self._max_fds)
                     frame = decoder.next_frame()
                 else:
                     frame = decoder.next_frame(nbytes)
@@ -232,7 +245,14 @@ class Channel(_SocketEnd):
             raise Timeout(
                 f"{doing} a message took longer than the timeout of {self.timeout} s"
             ) from exc
-        raise _os_error(exc, doing, self._closed, fds) from exc
+        raise os_error(exc, doing, self._closed, fds) from exc
+
+    def cap_frame_size(self, size: int | None) -> None:
+        """Take frames of at most ``size`` bytes from the next one on; None lifts the cap.
+
+        For a peer that has not authenticated yet (see :mod:`passrpc._auth`).
+        """
+        self._decoder.cap_frame_size(size)
 
     def shutdown(self) -> None:
         """End the connection itself, for every process that holds it; then :meth:`close`.
@@ -289,7 +309,7 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[FileDescriptor
     return fds
 
 
-def _scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes | array.array[int]]]:
+def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes | array.array[int]]]:
     """The ancillary data that sends ``fds`` (none: an empty list)."""
     if not fds:
         return []
@@ -297,7 +317,7 @@ def _scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes | array.array[
     return [(_SOL_SOCKET, _SCM_RIGHTS, data)]
 
 
-def _take_ancillary(
+def take_ancillary(
     decoder: Decoder,
     nbytes: int,
     ancillary: list[tuple[int, int, bytes]],
@@ -314,7 +334,7 @@ def _take_ancillary(
         ConnectionClosed: end of stream (``nbytes`` is 0).
     """
     fds = _descriptors(ancillary) if ancillary else []
-    if flags & _CTRUNC:
+    if flags & CTRUNC:
         for fd in fds:
             fd.close()
         raise FrameTooLarge(
@@ -330,7 +350,7 @@ def _take_ancillary(
     decoder.buffer_updated(nbytes, fds)
 
 
-def _os_error(
+def os_error(
     exc: OSError,
     doing: str,
     closed: bool,
@@ -359,7 +379,7 @@ def _os_error(
     return ConnectionClosed(f"{doing} failed: {exc}; the connection is unusable")
 
 
-def _unsent(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
+def unsent(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
     """What is left of ``buffers`` once their first ``sent`` bytes went out."""
     rest: list[memoryview] = []
     for buffer in buffers:

@@ -32,7 +32,8 @@ from ._errors import (
     TargetError,
 )
 from ._fd import FileDescriptor
-from ._server import Server, _is_live_socket
+from ._server import Server, reconfigure, socket_file
+from ._socketfile import is_live_socket
 from ._target import load_target
 
 logger = logging.getLogger("passrpc.cli")
@@ -139,7 +140,7 @@ def _remove_stale_password_file(path: str, socket_path: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if _is_live_socket(socket_path):
+    if is_live_socket(socket_path):
         raise _Failure(
             f"a server already listens on {socket_path!r}: stop it, or choose another --socket"
         )
@@ -194,7 +195,7 @@ def _configure(server: Server, socket_path: str | None, password: bytes | None) 
     if server.started:
         raise _Failure(f"{server!r} is already running; the command line serves a fresh server")
     try:
-        server._reconfigure(socket_path=socket_path, password=password)
+        reconfigure(server, socket_path=socket_path, password=password)
     except ConfigurationError as exc:
         raise _UsageError(f"--socket: {exc}") from exc
 
@@ -228,11 +229,10 @@ def _serve(args: argparse.Namespace) -> int:
         if password is None:
             password_file = server.socket_path + PASSWORD_SUFFIX
             try:
-                if server._own_dir is not None:
-                    # The server's private directory is made here, 0700 as the
-                    # server makes it, so the password can sit beside the socket.
-                    os.mkdir(server._own_dir, 0o700)
-                    created_dir = server._own_dir
+                # The server's private directory (if passrpc chose the path) is
+                # made here, 0700 as the server makes it, so the password can
+                # sit beside the socket.
+                created_dir = socket_file(server).make_dir()
                 _remove_stale_password_file(password_file, server.socket_path)
                 locked_fd, identity = _write_password_file(password_file, server.password)
             except OSError as exc:

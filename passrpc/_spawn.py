@@ -14,9 +14,10 @@ import os
 import socket
 import sys
 
-from ._server import Server, logger
+from ._decoder import Decoder
+from ._protocol import MESSAGE
+from ._server import Server, logger, reconfigure, run_server_process
 from ._target import load_target
-from ._wire import Decoder, Kind
 
 
 def _read_config(owner: socket.socket) -> dict[str, object]:
@@ -29,7 +30,7 @@ def _read_config(owner: socket.socket) -> dict[str, object]:
             )
         decoder.receive_data(data)
     kind, payload = frame
-    if kind != Kind.MESSAGE or not isinstance(payload, list) or not isinstance(payload[0], dict):
+    if kind != MESSAGE or not isinstance(payload, list) or not isinstance(payload[0], dict):
         raise SystemExit("passrpc._spawn: the parent sent no configuration")
     return payload[0]
 
@@ -55,13 +56,14 @@ def main(argv: list[str]) -> None:
     except Exception:
         logger.exception("cannot load the server %r", target)
         os._exit(1)
-    server._reconfigure(
+    reconfigure(
+        server,
         socket_path=str(config["socket_path"]),
         password=config["password"],  # type: ignore[arg-type]
         own_dir=config.get("own_dir"),  # type: ignore[arg-type]
     )
     identity = config["identity"]
-    server._run_as_child(listener, owner, (int(identity[0]), int(identity[1])))  # type: ignore[index]
+    run_server_process(server, listener, owner, (int(identity[0]), int(identity[1])))  # type: ignore[index]
 
 
 if __name__ == "__main__":

@@ -28,17 +28,16 @@ from passrpc import (
     Timeout,
     UnknownMessage,
 )
-from passrpc._server import _describe
-from passrpc._wire import ERROR_UNKNOWN_MESSAGE, Kind, error_payload
+from passrpc._protocol import describe_handlers
+from passrpc._protocol import ERROR_UNKNOWN_MESSAGE, error_payload
+from passrpc._wire import Kind
 from passrpc.aio import AsyncChannel, AsyncProxy
 
 from .conftest import open_fds
+from .helpers import WAIT, Gate
 from .test_client import answering_server, full_backlog
 
 T = TypeVar("T")
-
-#: Bound on any single wait in these tests: far above what a healthy run needs.
-WAIT = 10.0
 
 
 def run(awaitable: Awaitable[T]) -> T:
@@ -103,7 +102,7 @@ def make_server(**kwargs: Any) -> Server:
 
 def proxy_for(server: Server, **kwargs: Any) -> AsyncProxy:
     """An async proxy of ``server`` with options server.async_proxy() does not take."""
-    cls = passrpc.aio.async_proxy_class(_describe(server._handlers))
+    cls = passrpc.aio.async_proxy_class(describe_handlers(server._registry.handlers.values()))
     return cls(server.socket_path, server.password, **kwargs)
 
 
@@ -117,28 +116,6 @@ def server(no_fd_leak: None) -> Iterator[Server]:
     finally:
         if server.started:
             server.stop()
-
-
-class Gate:
-    """Lets a test hold a ``block`` handler mid-call: it says it started, then waits for release."""
-
-    def __init__(self) -> None:
-        self.started, self._started_far = socket.socketpair()
-        self.release, self._release_far = socket.socketpair()
-        self.started.setblocking(False)
-
-    def args(self) -> tuple[socket.socket, socket.socket]:
-        return self._started_far, self._release_far
-
-    async def wait_started(self) -> None:
-        loop = asyncio.get_running_loop()
-        data = await asyncio.wait_for(loop.sock_recv(self.started, 1), WAIT)
-        assert data == b"s"
-
-    def close(self) -> None:
-        """Close every end; a handler still waiting sees end of file and returns."""
-        for sock in (self.started, self._started_far, self.release, self._release_far):
-            sock.close()
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from passrpc import (
     RemoteError,
     Timeout,
 )
-from passrpc._wire import Kind, error_payload
+from passrpc._protocol import error_payload
+from passrpc._wire import Kind
 
 from .conftest import open_fds
 
@@ -82,7 +83,7 @@ class TestMessages:
     def test_error_frame_is_raised_by_read(self, pair) -> None:
         """A peer's error frame comes out of read() as the matching exception."""
         a, b = pair
-        b._send(Kind.ERROR, error_payload("remote", "ValueError", "bad", "Traceback..."))
+        b.send_frame(Kind.ERROR, error_payload("remote", "ValueError", "bad", "Traceback..."))
         with pytest.raises(RemoteError, match="ValueError: bad") as info:
             a.read()
         assert info.value.remote_traceback == "Traceback..."

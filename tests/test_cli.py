@@ -22,17 +22,10 @@ import pytest
 
 import passrpc
 
-REPO = Path(__file__).resolve().parent.parent
+from .helpers import REPO, cli_env, wait_while_running
+
 PASSWORD = "cli-test-password"
 START_DEADLINE = 20.0
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a CLI subprocess: the repo importable, no inherited passrpc settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSRPC_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -49,14 +42,7 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def wait_until(condition: Callable[[], bool], process: subprocess.Popen[str], what: str) -> None:
     """Poll ``condition`` until it holds; fail early if ``process`` exits, or at the deadline."""
-    deadline = time.monotonic() + START_DEADLINE
-    while not condition():
-        if process.poll() is not None:
-            _, err = process.communicate()
-            pytest.fail(f"the server exited ({process.returncode}) before {what}: {err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {START_DEADLINE} s")
-        time.sleep(0.01)
+    wait_while_running(condition, process, what=what, timeout=START_DEADLINE)
 
 
 def read_stderr_until(process: subprocess.Popen[str], pattern: str) -> re.Match[str]:

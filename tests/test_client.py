@@ -25,14 +25,13 @@ from passrpc import (
     Timeout,
     UnknownMessage,
 )
-from passrpc._auth import default_uids, password_key, server_handshake
+from passrpc._auth import default_uids, server_handshake
+from passrpc._handshake import password_key
 from passrpc._client import proxy_class
-from passrpc._wire import ERROR_UNKNOWN_MESSAGE, Kind, error_payload
+from passrpc._protocol import ERROR_UNKNOWN_MESSAGE, error_payload
+from passrpc._wire import Kind
 
-from .test_server import wait_for
-
-#: Bound on any single wait in these tests: far above what a healthy run needs.
-WAIT = 10.0
+from .helpers import WAIT, wait_for
 
 
 def make_server(**kwargs: object) -> Server:
@@ -279,9 +278,9 @@ def answering_server(sockdir: Path, kind: int, payload: Any) -> Iterator[str]:
             conn, _ = listener.accept()
             with passrpc.Channel(conn, timeout=WAIT) as channel:
                 server_handshake(channel, password_key("pw"), default_uids())
-                channel._receive()
-                channel._send(kind, payload)
-                channel._receive()  # until the client hangs up
+                channel.receive_frame()
+                channel.send_frame(kind, payload)
+                channel.receive_frame()  # until the client hangs up
         except (OSError, passrpc.Error):
             pass
 

@@ -6,7 +6,6 @@ import itertools
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -16,14 +15,14 @@ import pytest
 import passrpc
 from passrpc._collection import CollectionClosed
 
+from .helpers import WAIT, wait_for
+
 # Servers are forked from a process that runs the cleaner and test threads;
 # Python 3.12+ warns about that. The servers' children do not touch the
 # parent's locks (they only serve), which is what the warning is about.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded:DeprecationWarning"
 )
-
-WAIT = 10.0  # seconds any awaited event may take before the test fails
 
 _socket_names = itertools.count()
 
@@ -107,14 +106,6 @@ class SlowStopServer(PidServer):
         type(self).stopping.set()
         assert type(self).go.wait(WAIT)
         super().stop(timeout)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        time.sleep(0.002)
 
 
 def assert_reaped(pid: int) -> None:
@@ -252,7 +243,7 @@ class TestLookup:
         old_pid = old.pid
         assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
-        wait_until(lambda: not old.alive)
+        wait_for(lambda: not old.alive, what="the killed server to be seen dead")
         new = collection.lookup_or_add("app", factory)
         assert new is not old
         assert new.alive
@@ -373,7 +364,7 @@ class TestFailures:
         first_thread, first, _ = run_thread(lambda: collection.lookup_or_add("app", failing))
         assert entered.wait(WAIT)
         second_thread, other, _ = run_thread(lambda: collection.lookup_or_add("app", second))
-        wait_until(lambda: collection.statistics().waiting == 1)
+        wait_for(lambda: collection.statistics().waiting == 1, what="the second lookup to wait")
         go.set()
         first_thread.join(WAIT)
         second_thread.join(WAIT)
@@ -497,7 +488,7 @@ class TestIdleCleaning:
         pid = server.pid
         assert pid is not None
         assert server.stopped.wait(WAIT)
-        wait_until(lambda: real_collection.statistics().stopping == 0)
+        wait_for(lambda: real_collection.statistics().stopping == 0, what="the stop to finish")
         assert "app" not in real_collection
         assert_reaped(pid)
 
@@ -552,7 +543,7 @@ class TestIsolation:
             assert done_b.wait(WAIT), "the lookup of b waited for a's stop"
             assert out_b["result"].alive
             waiter, again, _ = run_thread(lambda: collection.lookup_or_add("a", factory_a))
-            wait_until(lambda: collection.statistics().waiting == 1)
+            wait_for(lambda: collection.statistics().waiting == 1, what="the second lookup to wait")
             assert factory_a.calls == 1
         finally:
             SlowStopServer.go.set()
@@ -644,7 +635,7 @@ class TestRemoval:
         starter, out, _ = run_thread(lambda: collection.lookup_or_add("app", factory))
         assert entered.wait(WAIT)
         closer, _, closed = run_thread(collection.close)
-        wait_until(lambda: collection.closed)
+        wait_for(lambda: collection.closed, what="the collection to close")
         go.set()
         assert closed.wait(WAIT)
         starter.join(WAIT)

@@ -25,9 +25,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from passrpc import _auth, _wire
-from passrpc._auth import ClientHandshake, ServerHandshake, password_key
-from passrpc._wire import Kind, encode_frame, error_payload
+from passrpc import _protocol, _wire
+from passrpc import _handshake as handshake_module
+from passrpc._handshake import ClientHandshake, ServerHandshake, password_key
+from passrpc._protocol import error_payload
+from passrpc._wire import Kind, encode_frame
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -81,7 +83,7 @@ EXAMPLES: dict[str, Callable[[], bytes]] = {
     "error": _frame(
         Kind.ERROR,
         error_payload(
-            _wire.ERROR_UNKNOWN_MESSAGE,
+            _protocol.ERROR_UNKNOWN_MESSAGE,
             "UnknownMessage",
             "the server has no handler for 'helo'; it has: ['hello']",
         ),
@@ -94,7 +96,7 @@ EXAMPLES: dict[str, Callable[[], bytes]] = {
 }
 
 #: Constants listed in the document's ``<!-- constants -->`` block, and where they live.
-CONSTANT_MODULES = (_wire, _auth)
+CONSTANT_MODULES = (_wire, handshake_module, _protocol)
 
 _MARKER = re.compile(r"<!-- frame: ([\w-]+) -->\s*\n```text\n(.*?)```", re.DOTALL)
 _LINE = re.compile(r"^([0-9a-f]{4})  ([0-9a-f]{2}(?: [0-9a-f]{2})*)(?:  +.*)?$")

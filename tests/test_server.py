@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import socket
 import stat
@@ -12,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,24 +32,18 @@ from passrpc import (
 )
 
 from .conftest import open_fds
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``condition`` until true or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-
-
-def pid_gone(pid: int) -> bool:
-    """True once ``pid`` no longer runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
+from .helpers import (
+    ERROR,
+    HANDSHAKE,
+    MESSAGE,
+    WAIT,
+    Gate,
+    frame,
+    pid_gone,
+    read_frame,
+    read_until_closed,
+    wait_for,
+)
 
 
 def make_seed_server(**kwargs: object) -> Server:
@@ -168,20 +163,37 @@ class TestErrors:
             proxy.close()
 
     def test_wrong_password_runs_no_handler(self) -> None:
-        """A wrong password fails at once with AuthenticationError; the handler never ran."""
+        """A wrong password, or a wrong proof with a request right behind it, runs no handler."""
         server = Server()
+        calls: list[str] = []  # lives in the server process: grows each time the handler runs
 
         @server.handler()
         def count() -> int:
-            return 0
+            calls.append("count")
+            return len(calls)
 
         with server:
             start = time.monotonic()
             with pytest.raises(AuthenticationError):
                 passrpc.connect(server.socket_path, password="wrong", timeout=5)
             assert time.monotonic() - start < 2
-            # The server is still there for the right password.
-            assert server.proxy(timeout=5).count() == 0
+            # A client that skips its check of the server's proof may send its
+            # request right behind its own (wrong) proof: it must not run.
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(WAIT)
+                s.connect(server.socket_path)
+                hello = {"step": "hello", "version": 1, "challenge": bytes(32)}
+                s.sendall(frame(HANDSHAKE, 0, hello))
+                kind, _, challenge = read_frame(s)
+                assert (kind, challenge["step"]) == (HANDSHAKE, "challenge")
+                proof = {"step": "proof", "proof": bytes(32)}
+                s.sendall(frame(HANDSHAKE, 0, proof) + frame(MESSAGE, 0, ["count"]))
+                kind, _, error = read_frame(s)
+                assert (kind, error["code"]) == (ERROR, "authentication")
+                assert read_until_closed(s) == b""
+            # The right password's call is the first that ran the handler.
+            with server.proxy(timeout=5) as proxy:
+                assert proxy.count() == 1
 
     @pytest.mark.skipif(os.getuid() != 0, reason="dropping to another uid needs root")
     def test_other_uid_refused(self, seed: Server) -> None:
@@ -390,27 +402,32 @@ class TestOwnership:
     def test_two_owners_server_lives_until_both_let_go(self, seed: Server) -> None:
         """A process forked after start() is an owner too; the server quits when both let go."""
         assert seed.pid is not None
-        server_pid = seed.pid
-        go_r, go_w = os.pipe()
-        child = os.fork()
-        if child == 0:
+        # A pidfd turns readable when its process ends: the end is an event to wait on.
+        ended = os.pidfd_open(seed.pid)
+        try:
+            go_r, go_w = os.pipe()
+            child = os.fork()
+            if child == 0:
+                os.close(go_w)
+                os.read(go_r, 1)  # hold the inherited reference until told
+                seed.close()
+                os._exit(0)
+            os.close(go_r)
+            seed.close()  # the parent lets go; the child still holds on
+            assert not seed.started
+            # A server that wrongly quit now would read end of file on its owner
+            # socket at once and be gone within milliseconds: 0.5 s is ample.
+            assert not select.select([ended], [], [], 0.5)[0], "the server quit with an owner left"
+            # And it still serves after the parent let go.
+            with passrpc.connect(seed.socket_path, password=seed.password, timeout=5) as proxy:
+                assert proxy.hello("x", "y")[1] == 1234
+            os.write(go_w, b"x")
             os.close(go_w)
-            os.read(go_r, 1)  # hold the inherited reference until told
-            seed.close()
-            os._exit(0)
-        os.close(go_r)
-        seed.close()  # the parent lets go; the child still holds on
-        assert not seed.started
-        time.sleep(0.2)  # give a wrongly-quitting server time to quit
-        assert not pid_gone(server_pid)
-        channel = passrpc.connect(seed.socket_path, password=seed.password, timeout=5)
-        assert channel.hello("x", "y")[1] == 1234
-        channel.close()
-        os.write(go_w, b"x")
-        os.close(go_w)
-        os.waitpid(child, 0)
-        wait_for(lambda: pid_gone(server_pid), what="the server to quit")
-        wait_for(lambda: not os.path.exists(seed.socket_path), what="the socket file to go")
+            os.waitpid(child, 0)
+            assert select.select([ended], [], [], WAIT)[0], "the server outlived its last owner"
+            wait_for(lambda: not os.path.exists(seed.socket_path), what="the socket file to go")
+        finally:
+            os.close(ended)
 
     def test_serve_in_a_subprocess_stops_when_its_owner_closes(self, sockdir: Path) -> None:
         """serve(owner=fd) returns once the owner's end is closed; socket removed, exit 0."""
@@ -461,17 +478,22 @@ class TestLifecycle:
         server = Server(shutdown_timeout=30)
 
         @server.handler()
-        def hang() -> None:
-            time.sleep(60)
+        def hang(started: FileDescriptor, release: FileDescriptor) -> None:
+            Gate.hold(started, release)  # the test never lets go: the handler hangs
 
+        gate = Gate()
         server.start()
-        channel = server.connect(timeout=30)
-        channel.write("hang")
-        time.sleep(0.1)  # let the call reach the handler
-        start = time.monotonic()
-        server.stop(timeout=1.0)
-        assert time.monotonic() - start < 2.0
-        channel.close()
+        try:
+            with server.connect(timeout=30) as channel:
+                channel.write("hang", *gate.args())
+                gate.wait_started_blocking()
+                start = time.monotonic()
+                server.stop(timeout=1.0)
+                assert time.monotonic() - start < 2.0
+        finally:
+            gate.close()
+            if server.started:
+                server.stop()
         assert not os.path.exists(server.socket_path)
 
     def test_stop_after_sigkill_then_start_again(self, seed: Server) -> None:
@@ -542,7 +564,8 @@ class TestLifecycle:
 
         server.start()
         server.stop()
-        assert log.read_text().split("\n")[:3] == [
+        # The whole log: a hook that ran twice, or in both processes, shows here.
+        assert log.read_text().splitlines() == [
             "before_fork True",
             "initialize False",
             "finalize False",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import resource
 import select
 import signal
 import socket
@@ -17,12 +19,13 @@ import pytest
 import passrpc
 from passrpc import Limits, RemoteError, Server
 
-from .test_server import pid_gone, wait_for
+from .conftest import open_fds
+from .helpers import WAIT, blocked_on, pid_gone, server_log, wait_for
 
 
 class TestFailuresThatMustNotStopTheServer:
-    def test_signal_handler_that_raises(self) -> None:
-        """A raising on_signal handler is logged; the server goes on serving."""
+    def test_signal_handler_that_raises(self, sockdir: Path) -> None:
+        """A raising on_signal handler is logged with its traceback; the server goes on serving."""
         server = Server()
         hits: list[int] = []
 
@@ -32,13 +35,63 @@ class TestFailuresThatMustNotStopTheServer:
             raise RuntimeError("broken signal handler")
 
         server.add_handler("hits", lambda: len(hits))
-        with server:
+        log = sockdir / "server.log"
+        with server_log(log), server:
             assert server.pid is not None
             proxy = server.proxy(timeout=5)
             os.kill(server.pid, signal.SIGUSR1)
-            wait_for(lambda: proxy.hits() == 1, what="the signal handler")
+            # The log line is written after the handler ran: wait for it, not for hits.
+            wait_for(
+                lambda: "RuntimeError: broken signal handler" in log.read_text(),
+                what="the handler's exception in the server's log",
+            )
+            text = log.read_text()
+            assert "ERROR the SIGUSR1 handler raised" in text
+            assert "in broken" in text  # the traceback, not only the message
             assert proxy.hits() == 1
             proxy.close()
+
+    def test_accept_backs_off_when_out_of_descriptors(self, sockdir: Path) -> None:
+        """Out of descriptors, accept logs a warning and backs off; once freed, it serves again."""
+        room = sockdir / "room"
+        server = Server()
+        server.add_handler("ok", lambda: "ok")
+
+        @server.on_initialize_server
+        def few_descriptors() -> None:
+            # In the server process only: a limit that leaves room for exactly
+            # two more descriptors (the numbers below it that are free), so a
+            # few connections make accept() fail with EMFILE.
+            used = open_fds()
+            limit = free = 0
+            while free < 2 or limit <= max(used):
+                free += limit not in used
+                limit += 1
+            room.write_text(str(free))
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+        log = sockdir / "server.log"
+        with server_log(log), server:
+            clients: list[socket.socket] = []
+            try:
+                # Each accepted client takes a descriptor and holds it while the
+                # server waits for its hello; two more than the room must fail.
+                for _ in range(int(room.read_text()) + 2):
+                    client = socket.socket(socket.AF_UNIX)
+                    clients.append(client)
+                    client.connect(server.socket_path)  # queued in the backlog if not accepted
+                wait_for(lambda: "backing off" in log.read_text(), what="accept to back off")
+                assert re.search(
+                    r"WARNING accept failed \(.*Too many open files\); backing off", log.read_text()
+                )
+                assert server.alive
+            finally:
+                for client in clients:
+                    client.close()
+            # The closed clients' descriptors are freed; the server accepts again.
+            with server.proxy(timeout=WAIT) as proxy:
+                assert proxy.ok() == "ok"
 
     def test_reply_over_the_frame_limit_is_a_remote_error(self) -> None:
         """A reply too large to send becomes a RemoteError; the connection goes on."""
@@ -64,8 +117,8 @@ class TestFailuresThatMustNotStopTheServer:
                 return "method"
 
         assert plain() == "plain"
-        assert "plain" in server._handlers
-        assert "method" in Sub()._handlers
+        assert "plain" in server._registry.handlers
+        assert "method" in Sub()._registry.handlers
 
 
 class TestWhatStaysBehind:
@@ -153,7 +206,7 @@ class TestWhatStaysBehind:
 
         thread = threading.Thread(target=reader)
         thread.start()
-        time.sleep(0.1)  # let the reader block
+        wait_for(lambda: blocked_on(thread, a.fileno()), what="the reader to block in its read")
         a.shutdown()
         thread.join(5)
         assert not thread.is_alive()

@@ -1,0 +1,304 @@
+"""What a frame means: requests, replies, errors and introspection, decided in one place.
+
+Pure, like the codec under it (:mod:`passrpc._wire`): payloads in, payloads
+or decisions out, never a socket, a thread or an event loop
+(``tests/test_layers.py`` keeps it so). The server's dispatch, the sync
+client and the asyncio client all ask this module what a frame means, so a
+rule (what a request looks like, when a reply leaves a connection out of
+step) cannot drift between them. ``docs/protocol.md`` describes the same
+rules for implementers in other languages.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+from ._errors import AuthenticationError, ProtocolError, RemoteError, UnknownMessage
+from ._wire import Kind, brief, describe_value
+
+MESSAGE = int(Kind.MESSAGE)
+ERROR = int(Kind.ERROR)
+HANDSHAKE = int(Kind.HANDSHAKE)
+CALL = int(Kind.CALL)
+DESCRIBE = int(Kind.DESCRIBE)
+
+#: A frame as the layers above the codec pass it around: ``(kind, payload)``.
+Frame = tuple[int, Any]
+
+# Error codes ----------------------------------------------------------------
+
+#: Codes of ERROR frames. A receiver that meets a code it does not know raises
+#: RemoteError with the frame's type and message, so new codes stay version 1.
+ERROR_REMOTE = "remote"  # a handler raised
+ERROR_UNKNOWN_MESSAGE = "unknown_message"  # no handler of that name
+ERROR_BAD_REQUEST = "bad_request"  # a request the server could not take
+ERROR_AUTHENTICATION = "authentication"  # the handshake failed
+ERROR_UNKNOWN_KIND = "unknown_kind"  # a frame kind this side does not implement
+#: Reserved for the features that come next, so that their meaning is fixed
+#: before any peer sends them: a server at its connection limit ("busy"), a
+#: stream ended early by either side ("cancelled"), a status request this
+#: server does not answer ("unavailable").
+ERROR_BUSY = "busy"
+ERROR_CANCELLED = "cancelled"
+ERROR_UNAVAILABLE = "unavailable"
+
+
+def error_payload(code: str, remote_type: str, message: str, traceback: str = "") -> dict[str, str]:
+    """Build the payload of an ERROR frame."""
+    return {"code": code, "type": remote_type, "message": message, "traceback": traceback}
+
+
+def error_from_payload(payload: Any) -> Exception:
+    """Turn an ERROR frame's payload into the exception the receiver raises."""
+    if not isinstance(payload, dict):
+        return ProtocolError(f"the peer sent a malformed error frame: {describe_value(payload)}")
+    code = payload.get("code")
+    remote_type = str(payload.get("type", "Exception"))
+    message = str(payload.get("message", ""))
+    if code == ERROR_UNKNOWN_MESSAGE:
+        return UnknownMessage(message)
+    if code == ERROR_AUTHENTICATION:
+        return AuthenticationError(message)
+    if code in (ERROR_BAD_REQUEST, ERROR_UNKNOWN_KIND):
+        return ProtocolError(f"the server refused the request: {message}")
+    return RemoteError(remote_type, message, str(payload.get("traceback", "")))
+
+
+class OutOfStep(ProtocolError):
+    """A frame that is no answer to what was asked: the connection cannot carry another call.
+
+    Raised by :func:`reply_result`; the client that gets it closes the
+    connection, so that a late reply can never answer a later call. Users
+    see it as the :class:`ProtocolError` it is.
+    """
+
+
+class BadRequest(Exception):
+    """A request the server cannot take; ``frame`` is the ERROR frame that answers it.
+
+    Raised by :func:`parse_request`. The connection stays in step: the
+    server answers and reads the next request.
+    """
+
+    def __init__(self, frame: Frame) -> None:
+        super().__init__(frame[1]["message"])
+        self.frame = frame
+
+
+# Requests -------------------------------------------------------------------
+
+
+def request(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Frame:
+    """Return the frame that calls handler ``name``.
+
+    CALL carries keyword arguments; without them the plainer MESSAGE does.
+    """
+    if kwargs:
+        return CALL, (name, args, kwargs)
+    return MESSAGE, (name, *args)
+
+
+def parse_request(kind: int, payload: Any) -> tuple[str, list[Any], dict[str, Any] | None] | None:
+    """Return ``(name, args, kwargs)`` of a request frame; None for a DESCRIBE request.
+
+    ``kwargs`` is None for a MESSAGE request (it has none).
+
+    Raises:
+        BadRequest: not a request; its ``frame`` is the ERROR frame to answer with.
+    """
+    if kind == MESSAGE:
+        if type(payload) is list and payload and type(payload[0]) is str:
+            return payload[0], payload[1:], None
+    elif kind == CALL:
+        if (
+            type(payload) is list
+            and len(payload) == 3
+            and type(payload[0]) is str
+            and type(payload[1]) is list
+            and type(payload[2]) is dict
+            and all(type(k) is str for k in payload[2])
+        ):
+            return payload[0], payload[1], payload[2]
+    elif kind == DESCRIBE:
+        return None
+    elif kind not in (ERROR, HANDSHAKE):
+        raise BadRequest(
+            (
+                ERROR,
+                error_payload(
+                    ERROR_UNKNOWN_KIND,
+                    "ProtocolError",
+                    f"this server does not implement frame kind {kind!r} (protocol version 1 "
+                    "reserves it); the connection stays usable",
+                ),
+            )
+        )
+    raise BadRequest(
+        (
+            ERROR,
+            error_payload(
+                ERROR_BAD_REQUEST,
+                "ProtocolError",
+                "a request is a message whose first value is the handler name (a str); "
+                f"got a frame of kind {kind!r} with {brief(payload)}",
+            ),
+        )
+    )
+
+
+def unknown_message(name: str, names: Iterable[str]) -> Frame:
+    """The ERROR frame that answers a request for a handler the server does not have."""
+    return ERROR, error_payload(
+        ERROR_UNKNOWN_MESSAGE,
+        "UnknownMessage",
+        f"the server has no handler for {name!r}; it has: {sorted(names)}",
+    )
+
+
+def reply(result: Any) -> Frame:
+    """The reply frame to a handler's return value: a tuple is a reply of several values."""
+    return MESSAGE, result if type(result) is tuple else (result,)
+
+
+def exception_reply(exc_type: Any, exc: BaseException, tb: TracebackType | None) -> Frame:
+    """The ERROR frame that reports a handler's exception, with its traceback text."""
+    remote_type = exc_type.__qualname__
+    if exc_type.__module__ not in ("builtins", "__main__"):
+        remote_type = f"{exc_type.__module__}.{remote_type}"
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    return ERROR, error_payload(ERROR_REMOTE, remote_type, str(exc), text)
+
+
+def unsendable(request_payload: Any, exc: Exception) -> Frame:
+    """The ERROR frame to send when the reply to ``request_payload`` could not be encoded."""
+    name = request_payload[0] if type(request_payload) is list and request_payload else "?"
+    return ERROR, error_payload(
+        ERROR_REMOTE, "EncodeError", f"handler {name!r} returned a value that cannot be sent: {exc}"
+    )
+
+
+# Replies --------------------------------------------------------------------
+
+
+def reply_result(kind: int, payload: Any) -> Any:
+    """Return a call's result from its reply frame: the single value, or a tuple of several.
+
+    Raises:
+        RemoteError, UnknownMessage, ProtocolError: the server answered with an
+            ERROR frame; the connection is still in step.
+        OutOfStep: the frame is not a reply; close the connection.
+    """
+    if kind == MESSAGE and type(payload) is list:
+        return payload[0] if len(payload) == 1 else tuple(payload)
+    if kind == ERROR:
+        raise error_from_payload(payload)
+    raise OutOfStep(f"expected a reply, the server sent a frame of kind {kind!r}")
+
+
+def message_values(kind: int, payload: Any) -> tuple[Any, ...]:
+    """Return the values of a MESSAGE frame read from a raw conversation.
+
+    Raises:
+        RemoteError and the like: the peer sent an ERROR frame (still in step).
+        OutOfStep: any other frame; close the connection.
+    """
+    if kind == MESSAGE and type(payload) is list:
+        return tuple(payload)
+    if kind == ERROR:
+        raise error_from_payload(payload)
+    raise OutOfStep(f"expected a message, the peer sent a frame of kind {kind!r}")
+
+
+# Introspection --------------------------------------------------------------
+
+
+class HandlerEntry(Protocol):
+    """What :func:`describe_handlers` needs of a registered handler."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def fn(self) -> Callable[..., Any]: ...
+    @property
+    def raw(self) -> bool: ...
+
+
+#: How a client calls a described handler: "call" (a request, one reply) or
+#: "raw" (the first message of a conversation on a connection of its own).
+Route = Literal["call", "raw"]
+
+
+def describe_handlers(entries: Iterable[HandlerEntry]) -> list[dict[str, Any]]:
+    """The payload that answers DESCRIBE: every handler's name, parameters and docstring."""
+    return [_describe_one(entry) for entry in entries]
+
+
+def _describe_one(entry: HandlerEntry) -> dict[str, Any]:
+    params: list[dict[str, Any]] = []
+    text = "(...)"
+    try:
+        # eval_str: show `first: str`, not the string "'str'" that postponed
+        # annotations (from __future__ import annotations) leave behind.
+        signature = inspect.signature(entry.fn, eval_str=True)
+    except Exception:
+        try:
+            signature = inspect.signature(entry.fn)
+        except (TypeError, ValueError):
+            signature = None
+    if signature is not None:
+        parameters = list(signature.parameters.values())
+        if entry.raw and parameters:
+            parameters = parameters[1:]  # the channel is not the caller's to pass
+        for p in parameters:
+            item: dict[str, Any] = {"name": p.name, "kind": int(p.kind)}
+            if p.default is not p.empty:
+                item["default"] = repr(p.default)
+            params.append(item)
+        text = str(signature.replace(parameters=parameters, return_annotation=signature.empty))
+    return {
+        "name": entry.name,
+        "params": params,
+        "signature": text,
+        "doc": inspect.getdoc(entry.fn) or "",
+        "raw": entry.raw,
+    }
+
+
+def parse_described(kind: int, payload: Any) -> list[Any]:
+    """Return the handler descriptions from the server's answer to a DESCRIBE request.
+
+    Raises:
+        Error: the server answered with an ERROR frame: the error it sent.
+        ProtocolError: any other answer that is not a list of descriptions.
+    """
+    if kind == ERROR:
+        raise error_from_payload(payload)
+    if kind != DESCRIBE or not isinstance(payload, list):
+        raise ProtocolError(f"the server answered introspection with a frame of kind {kind!r}")
+    return payload
+
+
+def described_by_name(described: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """Index handler descriptions by name.
+
+    Raises:
+        ProtocolError: an entry is not a handler description.
+    """
+    by_name: dict[str, dict[str, Any]] = {}
+    for info in described:
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+            raise ProtocolError(
+                f"the server described a handler as {brief(info)}, which is not a handler "
+                "description: run the same passrpc version on both sides"
+            )
+        by_name[info["name"]] = info
+    return by_name
+
+
+def route(info: dict[str, Any] | None) -> Route:
+    """How a client calls the handler described by ``info`` (None: one it does not know)."""
+    return "raw" if info is not None and info.get("raw") else "call"

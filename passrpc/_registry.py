@@ -1,0 +1,154 @@
+"""The registry: what a server answers (handlers), what it does on signals, and its hooks.
+
+Filled before the server runs, by :meth:`Server.add_handler` and the
+decorators (``@server.handler``, ``@passrpc.handler`` on a subclass's
+methods); frozen once the server process has its copy. The loop and the
+dispatch only read it.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import attrs
+
+from ._errors import ConfigurationError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+HOOKS = ("before_fork", "initialize_server", "finalize_server")
+
+
+@attrs.frozen
+class Handler:
+    """A registered handler: its message name, the function, and whether it converses raw."""
+
+    name: str
+    fn: Callable[..., Any]
+    raw: bool
+
+
+@overload
+def handler(name: F, *, raw: bool = False) -> F: ...
+@overload
+def handler(name: str | None = None, *, raw: bool = False) -> Callable[[F], F]: ...
+def handler(name: Any = None, *, raw: bool = False) -> Any:
+    """Mark a method of a :class:`Server` subclass as the handler of message ``name``.
+
+    ``name`` defaults to the method's name (``@passrpc.handler`` without
+    parentheses works too). With ``raw=True`` the method gets the
+    :class:`Channel` after ``self`` and converses itself. The method is
+    returned unchanged.
+    """
+    if callable(name):
+        name._passrpc_handler = (name.__name__, raw)
+        return name
+
+    def mark(fn: F) -> F:
+        fn._passrpc_handler = (name or fn.__name__, raw)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def on_signal(sig: str | int) -> Callable[[F], F]:
+    """Mark a method of a :class:`Server` subclass as the server process's handler of ``sig``.
+
+    ``sig`` is a name ("USR1" or "SIGUSR1") or a number. The method is
+    called with no arguments, in the server's main thread.
+    """
+    signum = parse_signal(sig)
+
+    def mark(fn: F) -> F:
+        fn._passrpc_signal = signum  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def parse_signal(sig: str | int) -> signal.Signals:
+    """The signal named by ``sig`` ("USR1", "SIGUSR1" or a number), if it can be caught.
+
+    Raises:
+        ConfigurationError: no such signal, or SIGKILL/SIGSTOP.
+    """
+    try:
+        if isinstance(sig, str):
+            name = sig.upper()
+            signum = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+        else:
+            signum = signal.Signals(sig)
+    except (KeyError, ValueError):
+        raise ConfigurationError(f"{sig!r} is not a signal name or number (try 'USR1')") from None
+    if signum in (signal.SIGKILL, signal.SIGSTOP):
+        raise ConfigurationError(f"{signum.name} cannot be caught; choose another signal")
+    return signum
+
+
+class Registry:
+    """A server's handlers, signal handlers and hooks; refuses changes once frozen.
+
+    The :class:`Server` facade owns one. ``running`` tells whether its server
+    runs now; ``frozen`` is set for good in a server process. Either way a
+    registration the running server would never see fails loudly instead.
+    """
+
+    def __init__(self, running: Callable[[], bool]) -> None:
+        self.handlers: dict[str, Handler] = {}
+        self.signal_handlers: dict[signal.Signals, Callable[[], Any]] = {}
+        self.hooks: dict[str, list[Callable[[], Any]]] = {hook: [] for hook in HOOKS}
+        self.frozen = False
+        self._running = running
+
+    def collect(self, obj: object) -> None:
+        """Register the methods of ``obj`` marked by :func:`handler` and :func:`on_signal`."""
+        cls = type(obj)
+        for attr in dir(cls):
+            member = getattr(cls, attr, None)
+            if not callable(member):
+                continue
+            if hasattr(member, "_passrpc_handler"):
+                name, raw = member._passrpc_handler
+                self.add_handler(name, getattr(obj, attr), raw=raw)
+            if hasattr(member, "_passrpc_signal"):
+                self.add_signal_handler(member._passrpc_signal, getattr(obj, attr))
+
+    def check_open(self, what: str) -> None:
+        """Raise ConfigurationError if registration is over (``what`` names the late call)."""
+        if self.frozen or self._running():
+            raise ConfigurationError(
+                f"{what} came after the server started: the server process already has "
+                "its copy of the registry; register everything before start() or serve()"
+            )
+
+    def add_handler(self, name: str, fn: Callable[..., Any], *, raw: bool = False) -> None:
+        """Register ``fn`` for message ``name`` (see :meth:`Server.add_handler`)."""
+        self.check_open(f"add_handler({name!r})")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a handler name is a non-empty str, got {name!r}")
+        if name in self.handlers:
+            raise ConfigurationError(
+                f"a handler for {name!r} is already registered ({self.handlers[name].fn!r})"
+            )
+        self.handlers[name] = Handler(name, fn, raw)
+
+    def add_signal_handler(self, sig: str | int, fn: Callable[[], Any]) -> None:
+        """Run ``fn()`` on ``sig`` (see :meth:`Server.add_signal_handler`)."""
+        signum = parse_signal(sig)
+        self.check_open(f"add_signal_handler({signum.name})")
+        if signum in self.signal_handlers:
+            raise ConfigurationError(f"{signum.name} already has a handler")
+        self.signal_handlers[signum] = fn
+
+    def add_hook(self, hook: str, fn: F) -> F:
+        """Append ``fn`` to the functions that run at ``hook`` (one of :data:`HOOKS`)."""
+        self.check_open(f"on_{hook}")
+        self.hooks[hook].append(fn)
+        return fn
+
+    def run_hooks(self, hook: str) -> None:
+        """Run the functions registered for ``hook``, in order."""
+        for fn in self.hooks[hook]:
+            fn()
