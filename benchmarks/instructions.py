@@ -21,6 +21,9 @@ chan_plain    one plain message from one Channel to the other
 chan_fd       one message carrying a descriptor, Channel to Channel; the
               receiver closes it
 proxy_client  a proxy call's client side, against canned replies
+server_call   a call's server side: the request read from a Channel, dispatched
+              to a handler, the reply sent (the body of Dispatcher.converse),
+              against canned requests
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-OPERATIONS = ("floor_rt", "chan_rt", "chan_plain", "chan_fd", "proxy_client")
+OPERATIONS = ("floor_rt", "chan_rt", "chan_plain", "chan_fd", "proxy_client", "server_call")
 RUNS = (1000, 3000)
 
 
@@ -47,6 +50,8 @@ def run(operation: str, n: int) -> None:
     sys.path.insert(0, ROOT)
     from passrpc import Channel, FileDescriptor
     from passrpc._client import proxy_class
+    from passrpc._dispatch import Dispatcher
+    from passrpc._registry import Handler
     from passrpc._wire import encode_frame
 
     if operation == "floor_rt":
@@ -103,7 +108,7 @@ def run(operation: str, n: int) -> None:
                 }
             ]
         )
-        proxy = proxy_type("/nonexistent", "pw", timeout=None, limits=c._limits, server_uids=None)
+        proxy = proxy_type("/nonexistent", "pw", timeout=None, wire=c._wire, server_uids=None)
         proxy._adopt(c)
         reply = encode_frame(0, (1,))[0]
         echo = proxy.echo
@@ -111,6 +116,18 @@ def run(operation: str, n: int) -> None:
             server_end.sendall(reply)
             echo(i)
             server_end.recv_into(sink)
+    elif operation == "server_call":
+        c, d = Channel.pair()
+        client_end = d._sock
+        sink = bytearray(65536)
+        dispatcher = Dispatcher({"echo": Handler("echo", lambda x: x, False)})
+        receive, send, dispatch = c.receive_frame, c.send_frame, dispatcher.dispatch
+        request = encode_frame(0, ("echo", 1))[0]
+        for _ in range(n):
+            client_end.sendall(request)
+            reply = dispatch(*receive())
+            send(*reply)  # type: ignore[misc]
+            client_end.recv_into(sink)
     else:
         raise SystemExit(f"unknown operation {operation!r}; choose from {', '.join(OPERATIONS)}")
 

@@ -25,7 +25,10 @@ from typing import Any
 
 import attrs
 
+from ._errors import StartError
+from ._protocol import MESSAGE
 from ._socketfile import SocketFile
+from ._wire import encode_frame
 
 #: Bytes on the owner socket: the server tells its starter it is ready; an
 #: owner tells the server to quit for everyone.
@@ -103,6 +106,26 @@ class ServerProcess:
             except (OSError, ValueError):  # another thread saw the end and closed it
                 continue
         return True
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the server to say it accepts clients.
+
+        Raises:
+            StartError: it did not in time, or it exited first.
+        """
+        data = self.owner.recv(1) if readable(self.owner, timeout) else None
+        if data == READY:
+            return
+        if data is None:
+            raise StartError(
+                f"the server process {self.pid} was not ready within {timeout} s; "
+                "it was killed (raise start_timeout if initialize_server is slow)"
+            )
+        self.wait(5.0)
+        raise StartError(
+            f"the server process {self.pid} exited with status {self.exit_status} "
+            "before it was ready; its log (the 'passrpc' logger) says why"
+        )
 
     def remove_files(self) -> None:
         """Remove its socket file (if still its own) and the directory made for it."""
@@ -232,12 +255,17 @@ def child_hygiene(keep: set[int]) -> None:
 
 
 def spawn(
-    target: str, listener: socket.socket, theirs: socket.socket
+    target: str,
+    listener: socket.socket,
+    theirs: socket.socket,
+    ours: socket.socket,
+    config: dict[str, Any],
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m passrpc._spawn TARGET`` with the listening and owner sockets passed.
 
-    The caller sends the configuration (the password, never in argv or the
-    environment) on its end of the owner socket.
+    ``config`` (with the password, never in argv or the environment) goes to
+    the new process as one frame on ``ours``, the starter's end of the owner
+    socket.
     """
     env = dict(os.environ)
     paths = [p for p in sys.path if p and os.path.isdir(p)]
@@ -250,6 +278,9 @@ def spawn(
         str(listener.fileno()),
         str(theirs.fileno()),
     ]
-    return subprocess.Popen(
+    popen = subprocess.Popen(
         argv, pass_fds=(listener.fileno(), theirs.fileno()), env=env, stdin=subprocess.DEVNULL
     )
+    data, _ = encode_frame(MESSAGE, [config])
+    ours.sendall(data, socket.MSG_NOSIGNAL)
+    return popen

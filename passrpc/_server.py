@@ -21,7 +21,6 @@ import logging
 import os
 import secrets
 import socket
-import subprocess
 import sys
 import threading
 import weakref
@@ -34,25 +33,23 @@ import attrs
 from ._auth import default_uids, open_channel
 from ._channel import Channel
 from ._client import Proxy, proxy_class
-from ._errors import ConfigurationError, ServerAlreadyStarted, ServerNotStarted, StartError
+from ._errors import ConfigurationError, ServerAlreadyStarted, ServerNotStarted
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, password_key
 from ._loop import App, ServeLoop, Settings
 from ._process import (
-    READY,
     STOP,
     ServerProcess,
     child_hygiene,
     logging_fds,
-    readable,
     reap_unreaped,
     release,
     spawn,
 )
-from ._protocol import MESSAGE, describe_handlers
+from ._protocol import describe_handlers
 from ._registry import F, Registry, parse_signal
 from ._socketfile import SocketFile, check_path, identity
 from ._target import find_target
-from ._wire import DEFAULT_LIMITS, Limits, WireOptions, encode_frame
+from ._wire import DEFAULT_LIMITS, Limits, WireOptions
 
 if TYPE_CHECKING:
     from .aio import AsyncProxy
@@ -326,12 +323,12 @@ class Server:
                     pid, popen = self._fork(listener, theirs), None
                 else:
                     assert target is not None
-                    popen = self._spawn(listener, theirs, ours, target, identity)
+                    popen = spawn(target, listener, theirs, ours, self._spawn_config(identity))
                     pid = popen.pid
                 process = ServerProcess(pid, ours, os.getpid(), self._files, identity, popen)
                 theirs.close()
                 listener.close()
-                self._wait_ready(process)
+                process.wait_ready(self._start_timeout)
             except BaseException:
                 theirs.close()
                 listener.close()
@@ -356,41 +353,15 @@ class Server:
             run_server_process(self, listener, owner)
         return pid
 
-    def _spawn(
-        self,
-        listener: socket.socket,
-        theirs: socket.socket,
-        ours: socket.socket,
-        target: str,
-        identity: tuple[int, int],
-    ) -> subprocess.Popen[bytes]:
-        popen = spawn(target, listener, theirs)
-        config = {
+    def _spawn_config(self, identity: tuple[int, int]) -> dict[str, Any]:
+        """What a spawned server process cannot know by itself (see passrpc._spawn)."""
+        return {
             "password": self._password,
             "socket_path": self._files.path,
             "own_dir": self._files.own_dir,
             "identity": list(identity),
             "log_level": logger.getEffectiveLevel(),
         }
-        data, _ = encode_frame(MESSAGE, [config])
-        ours.sendall(data, socket.MSG_NOSIGNAL)
-        return popen
-
-    def _wait_ready(self, process: ServerProcess) -> None:
-        ready = readable(process.owner, self._start_timeout)
-        data = process.owner.recv(1) if ready else None
-        if data == READY:
-            return
-        if data is None:
-            raise StartError(
-                f"the server process {process.pid} was not ready within {self._start_timeout} s; "
-                "it was killed (raise start_timeout if initialize_server is slow)"
-            )
-        process.wait(5.0)
-        raise StartError(
-            f"the server process {process.pid} exited with status {process.exit_status} "
-            "before it was ready; its log (the 'passrpc' logger) says why"
-        )
 
     def stop(self, timeout: float = 4.0) -> None:
         """Stop the server for every owner, and wait for it to end.
