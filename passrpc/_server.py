@@ -308,13 +308,7 @@ class Server:
                 )
             reap_unreaped()
             if method == "spawn":
-                target = target or find_target(self)
-                if target is None:
-                    raise ConfigurationError(
-                        "start(method='spawn') needs to import this server in a fresh "
-                        "interpreter: bind it to a module-level name, or pass "
-                        "target='module:attribute'"
-                    )
+                target = self._spawn_target(target)
             listener, identity = self._files.listen(self._settings.backlog)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             process = None
@@ -352,6 +346,17 @@ class Server:
         if pid == 0:
             run_server_process(self, listener, owner)
         return pid
+
+    def _spawn_target(self, target: str | None) -> str:
+        """The ``module:attribute`` a fresh interpreter imports this server by."""
+        target = target or find_target(self)
+        if target is None:
+            raise ConfigurationError(
+                "start(method='spawn') needs to import this server in a fresh "
+                "interpreter: bind it to a module-level name, or pass "
+                "target='module:attribute'"
+            )
+        return target
 
     def _spawn_config(self, identity: tuple[int, int]) -> dict[str, Any]:
         """What a spawned server process cannot know by itself (see passrpc._spawn)."""

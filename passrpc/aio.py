@@ -295,6 +295,18 @@ class AsyncProxy(ProxyBase, AsyncClosing):
             raise ConnectionClosed("this proxy was closed; make a new one")
         return channel
 
+    async def _acquire(
+        self, name: str, timeout: float | None, deadline: float | None
+    ) -> AsyncChannel | None:
+        """Take a slot of the pool: an idle connection, or None to open one."""
+        try:
+            return await self._pool.acquire(deadline)
+        except Expired:
+            raise Timeout(
+                f"calling {name!r}: no connection came free within the timeout of {timeout} s "
+                f"(all {self._pool.cap} in use); raise the timeout or max_connections"
+            ) from None
+
     async def _call(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = UNSET
     ) -> Any:
@@ -303,29 +315,23 @@ class AsyncProxy(ProxyBase, AsyncClosing):
         buffers, fds = self._encode(name, args, kwargs)  # fails before any I/O
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         pool = self._pool
-        try:
-            channel = await pool.acquire(deadline)
-        except Expired:
-            raise Timeout(
-                f"calling {name!r}: no connection came free within the timeout of {timeout} s "
-                f"(all {pool.cap} in use); raise the timeout or max_connections"
-            ) from None
-        reused = channel is not None
+        channel = await self._acquire(name, timeout, deadline)
         try:
             if channel is None:
                 channel = await self._connect(deadline)
-            try:
                 await channel.send_encoded(buffers, fds, deadline)
-            except NotDelivered:
-                if not reused:
-                    raise
-                # The server closed this idle connection and the send failed at
-                # once: the call was never delivered, so a fresh connection may
-                # carry it (once; a call that may have run is never resent).
-                pool.discard(channel)
-                channel = None
-                channel = await self._connect(deadline)
-                await channel.send_encoded(buffers, fds, deadline)
+            else:
+                try:
+                    await channel.send_encoded(buffers, fds, deadline)
+                except NotDelivered:
+                    # The server closed this idle connection and the send failed
+                    # at once: the call was never delivered, so a fresh
+                    # connection may carry it (once; a call that may have run is
+                    # never resent).
+                    pool.discard(channel)
+                    channel = None
+                    channel = await self._connect(deadline)
+                    await channel.send_encoded(buffers, fds, deadline)
             kind, reply = await channel.receive_frame(deadline, wait_first=True)
         except EncodeError:
             # A descriptor that is not open: refused before any byte left, so
@@ -349,16 +355,13 @@ class AsyncProxy(ProxyBase, AsyncClosing):
                 ) from exc
             raise
         try:
-            result = reply_result(kind, reply)
+            return reply_result(kind, reply)  # a reply, or the handler's error: still in step
         except OutOfStep:
             pool.discard(channel)  # not a reply: the connection is out of step
-            pool.release(None)
+            channel = None
             raise
-        except BaseException:
-            pool.release(channel)  # the handler's error: still in step
-            raise
-        pool.release(channel)
-        return result
+        finally:
+            pool.release(channel)
 
     async def _open_raw(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = UNSET
@@ -446,30 +449,22 @@ async def connect(
     """
     _check_max_connections(max_connections)
     path = os.fspath(socket_path)
-    key = password_key(password)
     wire = WireOptions(limits)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
-        channel = await open_async_channel(path, key, wire, deadline, server_uids)
+        channel = await open_async_channel(path, password_key(password), wire, deadline, server_uids)
         try:
             await channel.send_frame(DESCRIBE, None, deadline)
             described = parse_described(*await channel.receive_frame(deadline, wait_first=True))
             proxy = async_proxy_class(described)(
-                path,
-                password,
-                timeout=timeout,
-                wire=wire,
-                max_connections=max_connections,
+                path, password, timeout=timeout, wire=wire, max_connections=max_connections,
                 server_uids=server_uids,
-            )
+            )  # fmt: skip
         except BaseException:
             channel.close()
             raise
     except Expired:
-        raise Timeout(
-            f"the server at {path!r} did not answer within the timeout of {timeout} s"
-        ) from None
-    pool = proxy._pool
-    pool.add(channel)
-    pool.idle.append(channel)
+        raise Timeout(f"the server at {path!r} did not answer within the timeout of {timeout} s") from None
+    proxy._pool.add(channel)
+    proxy._pool.idle.append(channel)
     return proxy
