@@ -15,7 +15,8 @@ item is left as it is (lazily), and when the cleaner reaches it, it finds
 the real deadline later and pushes the item again. So a busy server costs
 the cleaner one wake-up per ``max_idle_time``, not one per lookup, and the
 cleaner sleeps on a Condition until the earliest deadline or until an
-earlier one is pushed: no polling, no fixed tick.
+earlier one is pushed: no polling, no fixed tick. The heap and its
+bookkeeping are :class:`_Deadlines`; the collection decides what expires.
 """
 
 from __future__ import annotations
@@ -120,6 +121,108 @@ class _Entry:
         self.checking = threading.Lock()
 
 
+class _Deadlines:
+    """The cleaner's heap of idle deadlines, at most one valid item per entry.
+
+    An item is ``(deadline, seq, entry)``. It is valid while it is its
+    entry's ``heap_item``; any other item is stale (its server was deleted,
+    or its deadline moved earlier) and is discarded when it comes up, or
+    when stale items pile up and the heap is rebuilt. Every method runs
+    under the collection's lock, of which ``wakeup`` is a Condition.
+    """
+
+    def __init__(
+        self,
+        entries: dict[Hashable, _Entry],
+        clock: Callable[[], float],
+        wakeup: threading.Condition,
+    ) -> None:
+        self._entries = entries  # the collection's map, read to rebuild the heap
+        self._clock = clock
+        self._wakeup = wakeup  # the cleaner sleeps on it
+        self._heap: list[tuple[float, int, _Entry]] = []
+        self._stale = 0  # stale items in the heap
+        self._seq = itertools.count()  # ties in the heap never compare entries
+
+    def __len__(self) -> int:
+        """Items in the heap, valid and not yet discarded."""
+        return len(self._heap)
+
+    def touch(self, entry: _Entry) -> bool:
+        """Move the entry's deadline to now + max_idle_time; True if that pushed a new item.
+
+        A new item that comes before every other wakes the cleaner.
+        """
+        server = entry.server
+        idle = server.max_idle_time
+        if not idle:
+            server.next_cleaning_time = None
+            return False  # a heap item left behind is discarded when it comes up
+        deadline = self._clock() + idle
+        server.next_cleaning_time = deadline
+        item = entry.heap_item
+        if item is not None and item[0] <= deadline:
+            return False  # the cleaner finds the later deadline when it reaches the item
+        self._push(entry, deadline)
+        if item is not None:  # the old item, later than the new one, is stale now
+            self._note_stale()
+        return True
+
+    def _push(self, entry: _Entry, deadline: float) -> None:
+        item = (deadline, next(self._seq), entry)
+        entry.heap_item = item
+        heapq.heappush(self._heap, item)
+        if self._heap[0] is item:
+            self._wakeup.notify()  # the cleaner must wake earlier than it planned
+
+    def drop(self, entry: _Entry) -> None:
+        """Make the entry's item, if any, stale: its server is no longer cleaned."""
+        if entry.heap_item is not None:
+            entry.heap_item = None
+            self._note_stale()
+
+    def _note_stale(self) -> None:
+        self._stale += 1
+        if self._stale >= _COMPACT_MIN_STALE and self._stale * 2 > len(self._heap):
+            self._heap = [e.heap_item for e in self._entries.values() if e.heap_item]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def earliest(self) -> float | None:
+        """Fix the heap's top until it is a valid item holding its server's real deadline."""
+        heap = self._heap
+        while heap:
+            item = heap[0]
+            deadline, _, entry = item
+            if entry.heap_item is not item:
+                heapq.heappop(heap)
+                self._stale -= 1
+                continue
+            real = entry.server.next_cleaning_time if entry.state == _RUNNING else None
+            if real is None:
+                heapq.heappop(heap)
+                entry.heap_item = None
+                continue
+            if real != deadline:
+                new = (real, next(self._seq), entry)
+                entry.heap_item = new
+                heapq.heapreplace(heap, new)
+                continue
+            return deadline
+        return None
+
+    def pop_due(self, now: float) -> tuple[list[_Entry], float | None]:
+        """Take the entries whose deadline is ``now`` or earlier; return them and the next deadline."""
+        due: list[_Entry] = []
+        while True:
+            top = self.earliest()
+            if top is None or top > now:
+                return due, top
+            entry = heapq.heappop(self._heap)[2]
+            entry.heap_item = None
+            due.append(entry)
+
+
 class ServerCollection:
     """Running servers by key, started on first lookup and stopped when idle.
 
@@ -148,9 +251,7 @@ class ServerCollection:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)  # the cleaner sleeps on it
         self._entries: dict[Hashable, _Entry] = {}
-        self._heap: list[tuple[float, int, _Entry]] = []
-        self._stale = 0  # stale items in the heap
-        self._seq = itertools.count()  # ties in the heap never compare entries
+        self._deadlines = _Deadlines(self._entries, clock, self._wakeup)
         self._running = 0
         self._waiting = 0
         self._closed = False
@@ -304,73 +405,18 @@ class ServerCollection:
     # Deadlines ----------------------------------------------------------------
 
     def _touch_locked(self, entry: _Entry) -> None:
-        """Move the entry's deadline to now + max_idle_time; make sure the heap knows."""
-        server = entry.server
-        idle = server.max_idle_time
-        if not idle:
-            server.next_cleaning_time = None
-            return  # a heap item left behind is discarded when it comes up
-        deadline = self._clock() + idle
-        server.next_cleaning_time = deadline
-        item = entry.heap_item
-        if item is not None and item[0] <= deadline:
-            return  # the cleaner finds the later deadline when it reaches the item
-        self._push_locked(entry, deadline)
-        if item is not None:  # the old item, later than the new one, is stale now
-            self._note_stale_locked()
-
-    def _push_locked(self, entry: _Entry, deadline: float) -> None:
-        item = (deadline, next(self._seq), entry)
-        entry.heap_item = item
-        heapq.heappush(self._heap, item)
-        if self._heap[0] is item:
-            self._wakeup.notify()  # the cleaner must wake earlier than it planned
-        if self._cleaner is None and not self._closed:
+        """Move the entry's deadline on (:meth:`_Deadlines.touch`); start the cleaner if needed."""
+        if self._deadlines.touch(entry) and self._cleaner is None and not self._closed:
             self._cleaner = threading.Thread(
                 target=self._run_cleaner, name="passrpc-collection-cleaner", daemon=True
             )
             self._cleaner.start()
 
-    def _drop_item_locked(self, entry: _Entry) -> None:
-        if entry.heap_item is not None:
-            entry.heap_item = None
-            self._note_stale_locked()
-
-    def _note_stale_locked(self) -> None:
-        self._stale += 1
-        if self._stale >= _COMPACT_MIN_STALE and self._stale * 2 > len(self._heap):
-            self._heap = [e.heap_item for e in self._entries.values() if e.heap_item]
-            heapq.heapify(self._heap)
-            self._stale = 0
-
-    def _earliest_locked(self) -> float | None:
-        """Fix the heap's top until it is a valid item holding its server's real deadline."""
-        heap = self._heap
-        while heap:
-            item = heap[0]
-            deadline, _, entry = item
-            if entry.heap_item is not item:
-                heapq.heappop(heap)
-                self._stale -= 1
-                continue
-            real = entry.server.next_cleaning_time if entry.state == _RUNNING else None
-            if real is None:
-                heapq.heappop(heap)
-                entry.heap_item = None
-                continue
-            if real != deadline:
-                new = (real, next(self._seq), entry)
-                entry.heap_item = new
-                heapq.heapreplace(heap, new)
-                continue
-            return deadline
-        return None
-
     @property
     def next_cleaning_time(self) -> float | None:
         """The earliest deadline of a server in the collection (its clock), or None."""
         with self._lock:
-            return self._earliest_locked()
+            return self._deadlines.earliest()
 
     def check_idle_servers(self) -> list[Hashable]:
         """Stop every server whose deadline has passed, now, in the calling thread.
@@ -398,18 +444,15 @@ class ServerCollection:
 
     def _expire_locked(self, now: float) -> tuple[list[_Entry], float | None]:
         """Take the servers whose deadline is ``now`` or earlier; return them and the next deadline."""
+        due, top = self._deadlines.pop_due(now)
         expired: list[_Entry] = []
-        while True:
-            top = self._earliest_locked()
-            if top is None or top > now:
-                return expired, top
-            entry = heapq.heappop(self._heap)[2]
-            entry.heap_item = None
+        for entry in due:
             if entry.uses:
                 continue  # in use: the end of its use block sets a new deadline
             entry.expired = True
             self._mark_stopping_locked(entry)
             expired.append(entry)
+        return expired, top
 
     def _stop_expired(self, expired: list[_Entry]) -> None:
         if not expired:
@@ -465,7 +508,7 @@ class ServerCollection:
         if entry.state == _RUNNING:
             self._running -= 1
         entry.state = _STOPPING
-        self._drop_item_locked(entry)
+        self._deadlines.drop(entry)
 
     def _remove_locked(self, entry: _Entry) -> None:
         if self._entries.get(entry.key) is entry:
@@ -473,7 +516,7 @@ class ServerCollection:
         if entry.state == _RUNNING:
             self._running -= 1
         entry.state = _GONE
-        self._drop_item_locked(entry)
+        self._deadlines.drop(entry)
 
     def _stop(self, entry: _Entry) -> None:
         """Stop the entry's server, outside the map lock; log, never raise, an Exception."""
@@ -592,7 +635,7 @@ class ServerCollection:
                 stopping=states.count(_STOPPING),
                 in_use=sum(e.uses for e in self._entries.values() if e.state == _RUNNING),
                 waiting=self._waiting,
-                deadlines=len(self._heap),
+                deadlines=len(self._deadlines),
             )
 
     def __repr__(self) -> str:

@@ -91,6 +91,11 @@ class _Worker:
 class ServeLoop:
     """One run of a server's main loop, in whichever process serves it.
 
+    ``listener.accept`` and ``thread_class`` are the only ways the loop gets
+    sockets and threads: tests put failing ones there to reach the back-off
+    paths (ENFILE, ENOBUFS, a thread that cannot start) that real limits
+    cannot produce for root.
+
     Args:
         app: what the loop serves and runs (see :class:`App`).
         listener: the listening socket; the loop closes it.
@@ -100,6 +105,8 @@ class ServeLoop:
         foreground: SIGINT and SIGTERM stop the loop (``serve()``).
         ready: where to say "ready" once clients are accepted (``start()``).
     """
+
+    thread_class: type[threading.Thread] = threading.Thread
 
     def __init__(
         self,
@@ -268,7 +275,7 @@ class ServeLoop:
                 worker.jobs.put(sock)
                 return True
         worker = _Worker()
-        worker.thread = threading.Thread(
+        worker.thread = self.thread_class(
             target=self._work, args=(worker, sock), name="passrpc-client", daemon=True
         )
         with self.clients_lock:

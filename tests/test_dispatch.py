@@ -1,0 +1,153 @@
+"""Dispatch: one request in, its reply out, on bare frames and over Channel.pair() in-process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import passrpc
+from passrpc import Channel, Peer, ProtocolError, RemoteError, UnknownMessage
+from passrpc._dispatch import Dispatcher, RawCall
+from passrpc._protocol import (
+    CALL,
+    DESCRIBE,
+    ERROR,
+    ERROR_BAD_REQUEST,
+    ERROR_REMOTE,
+    ERROR_UNKNOWN_KIND,
+    ERROR_UNKNOWN_MESSAGE,
+    MESSAGE,
+)
+from passrpc._registry import Handler
+
+from .helpers import WAIT
+
+PEER = Peer(pid=1, uid=2, gid=3)
+
+
+def _dispatcher() -> Dispatcher:
+    def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    def pair() -> tuple[int, int]:
+        return 1, 2
+
+    def fail() -> None:
+        raise ValueError("no")
+
+    def unsendable() -> object:
+        return object()
+
+    def who() -> int:
+        return passrpc.current_peer().uid
+
+    def chat(channel: Channel, greeting: str) -> None:
+        channel.write(greeting.upper())
+        (answer,) = channel.read()
+        channel.write(answer * 2)
+
+    entries = [
+        Handler("add", add, False),
+        Handler("pair", pair, False),
+        Handler("fail", fail, False),
+        Handler("unsendable", unsendable, False),
+        Handler("who", who, False),
+        Handler("chat", chat, True),
+    ]
+    return Dispatcher({entry.name: entry for entry in entries})
+
+
+class TestDispatchOnBareFrames:
+    @pytest.mark.parametrize(
+        ("kind", "payload", "reply"),
+        [
+            (MESSAGE, ["add", 1, 2], (MESSAGE, (3,))),
+            (CALL, ["add", [1], {"b": 5}], (MESSAGE, (6,))),
+            (MESSAGE, ["pair"], (MESSAGE, (1, 2))),
+        ],
+    )
+    def test_a_request_gets_its_handlers_result(self, kind: int, payload: Any, reply: Any) -> None:
+        """A MESSAGE or CALL runs the handler; a returned tuple is several values."""
+        assert _dispatcher().dispatch(kind, payload) == reply
+
+    @pytest.mark.parametrize(
+        ("kind", "payload", "code"),
+        [
+            (MESSAGE, ["nope"], ERROR_UNKNOWN_MESSAGE),
+            (MESSAGE, [1], ERROR_BAD_REQUEST),
+            (CALL, ["add", 1, {}], ERROR_BAD_REQUEST),
+            (7, ["add", 1], ERROR_UNKNOWN_KIND),
+            (MESSAGE, ["fail"], ERROR_REMOTE),
+        ],
+    )
+    def test_what_cannot_be_served_is_answered_with_an_error_frame(
+        self, kind: int, payload: Any, code: str
+    ) -> None:
+        """Unknown names, malformed requests, unknown kinds and exceptions become ERROR frames."""
+        reply_kind, reply = _dispatcher().dispatch(kind, payload)  # type: ignore[misc]
+        assert reply_kind == ERROR
+        assert reply["code"] == code
+
+    def test_describe_answers_with_every_handler(self) -> None:
+        """DESCRIBE gets the list of handler descriptions, raw ones marked."""
+        kind, described = _dispatcher().dispatch(DESCRIBE, None)  # type: ignore[misc]
+        assert kind == DESCRIBE
+        assert {d["name"]: d["raw"] for d in described}["chat"] is True
+
+    def test_a_raw_handler_becomes_a_raw_call(self) -> None:
+        """A raw handler is not run by dispatch: the caller runs it on the connection."""
+        call = _dispatcher().dispatch(MESSAGE, ["chat", "hi"])
+        assert isinstance(call, RawCall)
+        assert call.args == ["hi"]
+
+
+@pytest.fixture
+def conversation() -> Iterator[Channel]:
+    """A client Channel whose peer is Dispatcher.converse, running in a thread of this process."""
+    client, server = Channel.pair(timeout=WAIT)
+    thread = threading.Thread(target=_dispatcher().converse, args=(server, PEER))
+    thread.start()
+    try:
+        yield client
+    finally:
+        client.close()
+        thread.join(WAIT)
+        server.close()
+        assert not thread.is_alive()
+
+
+class TestConverse:
+    def test_requests_are_answered_in_order_and_the_connection_survives_errors(
+        self, conversation: Channel
+    ) -> None:
+        """Errors of every kind leave the conversation going; replies come in request order."""
+        c = conversation
+        c.send_frame(MESSAGE, ["add", 2, 3])
+        assert c.read() == (5,)
+        c.write("fail")
+        with pytest.raises(RemoteError, match="ValueError: no"):
+            c.read()
+        c.write("nope")
+        with pytest.raises(UnknownMessage):
+            c.read()
+        c.send_frame(9, "a reserved kind")
+        with pytest.raises(ProtocolError, match="does not implement frame kind 9"):
+            c.read()
+        c.write("unsendable")
+        with pytest.raises(RemoteError, match="handler 'unsendable' returned a value that cannot"):
+            c.read()
+        c.write("who")
+        assert c.read() == (PEER.uid,)  # current_peer() is the connection's peer
+
+    def test_a_raw_handler_converses_then_requests_resume(self, conversation: Channel) -> None:
+        """A raw handler talks on the channel itself; afterwards the next request is served."""
+        c = conversation
+        c.write("chat", "hi")
+        assert c.read() == ("HI",)
+        c.write("ab")
+        assert c.read() == ("abab",)
+        c.write("add", 1)
+        assert c.read() == (1,)
