@@ -16,7 +16,7 @@ import socket
 import weakref
 from collections.abc import Collection, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._auth import backoff, check_server_uid, connect_once
 from ._channel import CTRUNC, SocketEnd, os_error, scm_rights, take_ancillary, unsent
@@ -382,19 +382,27 @@ class AsyncChannel(SocketEnd, AsyncClosing):
         return f"<passrpc.aio.AsyncChannel {state}>"
 
 
+class ConnectionTracker(Protocol):
+    """What :func:`open_async_channel` needs of a pool: track a connection while it opens."""
+
+    def check(self) -> None: ...
+    def add(self, channel: AsyncChannel, *, raw: bool = False) -> None: ...
+    def forget(self, channel: AsyncChannel) -> None: ...
+
+
 async def open_async_channel(
     path: str,
     key: bytes,
     wire: WireOptions,
     deadline: float | None,
     server_uids: Collection[int] | None = None,
-    pool: Any = None,
+    pool: ConnectionTracker | None = None,
     *,
     raw: bool = False,
 ) -> AsyncChannel:
     """Connect to ``path`` and authenticate, all before ``deadline``.
 
-    With a ``pool``, the connection joins it (see ``passrpc.aio``'s pool) before
+    With a ``pool`` (``passrpc.aio``'s), the connection joins it before
     the handshake, so that closing the proxy fails this call at once; on
     failure it leaves the pool again.
 

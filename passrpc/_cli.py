@@ -18,8 +18,8 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn, TypeAlias
 
 from ._channel import Channel
 from ._client import Proxy, connect
@@ -213,34 +213,9 @@ def _serve(args: argparse.Namespace) -> int:
     except TargetError as exc:
         raise _UsageError(str(exc)) from exc
     # After the import: an app that configures logging itself keeps its own.
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            format="%(name)s[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
-        )
-    logging.getLogger().setLevel(args.log_level.upper())
-    logging.getLogger("passrpc").setLevel(args.log_level.upper())
+    _set_up_logging(args.log_level)
     _configure(server, args.socket, password)
-
-    created_dir = None
-    password_file = None
-    identity = None
-    locked_fd = None
-    try:
-        if password is None:
-            password_file = server.socket_path + PASSWORD_SUFFIX
-            try:
-                # The server's private directory (if passrpc chose the path) is
-                # made here, 0700 as the server makes it, so the password can
-                # sit beside the socket.
-                created_dir = socket_file(server).make_dir()
-                _remove_stale_password_file(password_file, server.socket_path)
-                locked_fd, identity = _write_password_file(password_file, server.password)
-            except OSError as exc:
-                raise _Failure(
-                    f"cannot write the password file {password_file!r}: {exc.strerror}; "
-                    f"choose another --socket, or give the password with ${PASSWORD_ENV} "
-                    "or --password-file"
-                ) from exc
+    with _password_file(server, password) as password_file:
         logger.info("serving %s on %s", args.target, server.socket_path)
         if password_file is not None:
             logger.info(
@@ -248,21 +223,51 @@ def _serve(args: argparse.Namespace) -> int:
             )
         else:
             logger.info("password from %s", args.password_file or "$" + PASSWORD_ENV)
+        return _run(server)
+
+
+def _set_up_logging(level: str) -> None:
+    """Log to stderr at ``level``, unless the app has set up logging itself."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            format="%(name)s[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
+        )
+    logging.getLogger().setLevel(level.upper())
+    logging.getLogger("passrpc").setLevel(level.upper())
+
+
+@contextlib.contextmanager
+def _password_file(server: Server, password: bytes | None) -> Iterator[str | None]:
+    """Write the server's password beside its socket for the block; yield the file's path.
+
+    With a ``password`` from the command line there is no file: it yields
+    None. Afterwards the file is removed (if it is still the one written
+    here), its lock released, and the directory made for it removed.
+    """
+    if password is not None:
+        yield None
+        return
+    password_file = server.socket_path + PASSWORD_SUFFIX
+    created_dir = None
+    identity = None
+    locked_fd = None
+    try:
         try:
-            server.serve()
-        except StartError as exc:
-            raise _Failure(str(exc)) from exc
-        except ConfigurationError as exc:
-            raise _UsageError(str(exc)) from exc
-        except Exception:
-            # The app's own code failed (initialize_server, say): its traceback
-            # is what the user needs.
-            logger.exception("the server failed")
-            return _EXIT_FAILED
-        logger.info("stopped; %s removed", server.socket_path)
-        return 0
+            # The server's private directory (if passrpc chose the path) is
+            # made here, 0700 as the server makes it, so the password can
+            # sit beside the socket.
+            created_dir = socket_file(server).make_dir()
+            _remove_stale_password_file(password_file, server.socket_path)
+            locked_fd, identity = _write_password_file(password_file, server.password)
+        except OSError as exc:
+            raise _Failure(
+                f"cannot write the password file {password_file!r}: {exc.strerror}; "
+                f"choose another --socket, or give the password with ${PASSWORD_ENV} "
+                "or --password-file"
+            ) from exc
+        yield password_file
     finally:
-        if password_file is not None and identity is not None:
+        if identity is not None:
             with contextlib.suppress(OSError):
                 st = os.lstat(password_file)
                 if (st.st_dev, st.st_ino) == identity:
@@ -272,6 +277,23 @@ def _serve(args: argparse.Namespace) -> int:
         if created_dir is not None:
             with contextlib.suppress(OSError):
                 os.rmdir(created_dir)
+
+
+def _run(server: Server) -> int:
+    """Serve until stopped; return the exit status, or raise for the message to print."""
+    try:
+        server.serve()
+    except StartError as exc:
+        raise _Failure(str(exc)) from exc
+    except ConfigurationError as exc:
+        raise _UsageError(str(exc)) from exc
+    except Exception:
+        # The app's own code failed (initialize_server, say): its traceback
+        # is what the user needs.
+        logger.exception("the server failed")
+        return _EXIT_FAILED
+    logger.info("stopped; %s removed", server.socket_path)
+    return 0
 
 
 # call and list --------------------------------------------------------------
@@ -406,6 +428,9 @@ def _list(args: argparse.Namespace) -> int:
 
 # The parser -----------------------------------------------------------------
 
+#: What ``add_subparsers`` returns: each subcommand is added to it by one helper.
+_Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
 
 def _add_password_file(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--password-file", metavar="FILE", help=help)
@@ -444,7 +469,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"passrpc {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(commands)
+    _add_call(commands)
+    _add_list(commands)
+    return parser
 
+
+def _add_serve(commands: _Subcommands) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve module:attribute in the foreground (the default command)",
@@ -475,6 +506,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
+
+def _add_call(commands: _Subcommands) -> None:
     call = commands.add_parser(
         "call",
         help="call a handler and print its reply as JSON",
@@ -500,6 +533,8 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("args", nargs="*", metavar="ARGS", help="its positional arguments")
     call.set_defaults(run=_call)
 
+
+def _add_list(commands: _Subcommands) -> None:
     listing = commands.add_parser(
         "list",
         help="list the handlers with their signatures and docs",
@@ -510,7 +545,6 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the server's description as JSON"
     )
     listing.set_defaults(run=_list)
-    return parser
 
 
 def _warn(message: str) -> None:

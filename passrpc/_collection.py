@@ -15,15 +15,16 @@ item is left as it is (lazily), and when the cleaner reaches it, it finds
 the real deadline later and pushes the item again. So a busy server costs
 the cleaner one wake-up per ``max_idle_time``, not one per lookup, and the
 cleaner sleeps on a Condition until the earliest deadline or until an
-earlier one is pushed: no polling, no fixed tick. The heap and its
-bookkeeping are :class:`_Deadlines`; the collection decides what expires.
+earlier one is pushed: no polling, no fixed tick.
+
+The entries and the heap are in ``_entries`` (:class:`Entry`,
+:class:`IdleDeadlines`); this module holds the lock around them and decides
+when servers start, expire and stop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -33,24 +34,13 @@ from typing import Any, TypeVar
 
 import attrs
 
-from ._errors import ConfigurationError, Error, ServerNotStarted
+from ._entries import GONE, RUNNING, STARTING, STOPPING, Entry, IdleDeadlines
+from ._errors import ConfigurationError, Error
 from ._server import Server
 
 logger = logging.getLogger("passrpc")
 
 S = TypeVar("S", bound=Server)
-
-# Entry states. An entry is in the map from the moment a lookup decides to
-# create its server until its server has been stopped (or failed to start).
-_STARTING = 0  # the factory or start() runs; lookups of the key wait on `started`
-_RUNNING = 1  # the server is returned to lookups
-_STOPPING = 2  # stop() runs; lookups of the key wait on `removed`, then start a new one
-_GONE = 3  # out of the map
-
-#: Rebuild the heap once it holds this many stale items and they outnumber
-#: the valid ones: stale items come from deleted servers and from deadlines
-#: moved earlier, and would otherwise wait in the heap until their time.
-_COMPACT_MIN_STALE = 64
 
 
 class CollectionClosed(Error, RuntimeError):
@@ -85,142 +75,17 @@ class CollectionStatistics:
     deadlines: int
 
 
-class _Entry:
-    """One key's slot in the map; every field is guarded by the collection's lock."""
-
-    __slots__ = (
-        "checking",
-        "creator",
-        "expired",
-        "heap_item",
-        "key",
-        "removed",
-        "server",
-        "started",
-        "state",
-        "uses",
-    )
-
-    def __init__(self, key: Hashable) -> None:
-        self.key = key
-        self.state = _STARTING
-        self.server: Any = None
-        self.uses = 0
-        # The entry's one valid heap item, or None; an item in the heap that
-        # is not its entry's heap_item is stale and is discarded when popped.
-        self.heap_item: tuple[float, int, _Entry] | None = None
-        self.expired = False  # stopping because it was idle
-        self.creator = threading.get_ident()
-        self.started = threading.Event()  # set when the entry leaves _STARTING
-        self.removed = threading.Event()  # set when the entry leaves the map
-        # Held while one thread asks the server whether it lives, or stops it:
-        # Server.alive reaps a dead process and closes its pidfd, which must
-        # not run in two threads at once (nor beside stop()). It is per key:
-        # lookups of other keys never wait on it, and lookups of this key
-        # take turns only for the microseconds of a non-blocking waitpid.
-        self.checking = threading.Lock()
-
-
-class _Deadlines:
-    """The cleaner's heap of idle deadlines, at most one valid item per entry.
-
-    An item is ``(deadline, seq, entry)``. It is valid while it is its
-    entry's ``heap_item``; any other item is stale (its server was deleted,
-    or its deadline moved earlier) and is discarded when it comes up, or
-    when stale items pile up and the heap is rebuilt. Every method runs
-    under the collection's lock, of which ``wakeup`` is a Condition.
-    """
-
-    def __init__(
-        self,
-        entries: dict[Hashable, _Entry],
-        clock: Callable[[], float],
-        wakeup: threading.Condition,
-    ) -> None:
-        self._entries = entries  # the collection's map, read to rebuild the heap
-        self._clock = clock
-        self._wakeup = wakeup  # the cleaner sleeps on it
-        self._heap: list[tuple[float, int, _Entry]] = []
-        self._stale = 0  # stale items in the heap
-        self._seq = itertools.count()  # ties in the heap never compare entries
-
-    def __len__(self) -> int:
-        """Items in the heap, valid and not yet discarded."""
-        return len(self._heap)
-
-    def touch(self, entry: _Entry) -> bool:
-        """Move the entry's deadline to now + max_idle_time; True if that pushed a new item.
-
-        A new item that comes before every other wakes the cleaner.
-        """
-        server = entry.server
-        idle = server.max_idle_time
-        if not idle:
-            server.next_cleaning_time = None
-            return False  # a heap item left behind is discarded when it comes up
-        deadline = self._clock() + idle
-        server.next_cleaning_time = deadline
-        item = entry.heap_item
-        if item is not None and item[0] <= deadline:
-            return False  # the cleaner finds the later deadline when it reaches the item
-        self._push(entry, deadline)
-        if item is not None:  # the old item, later than the new one, is stale now
-            self._note_stale()
-        return True
-
-    def _push(self, entry: _Entry, deadline: float) -> None:
-        item = (deadline, next(self._seq), entry)
-        entry.heap_item = item
-        heapq.heappush(self._heap, item)
-        if self._heap[0] is item:
-            self._wakeup.notify()  # the cleaner must wake earlier than it planned
-
-    def drop(self, entry: _Entry) -> None:
-        """Make the entry's item, if any, stale: its server is no longer cleaned."""
-        if entry.heap_item is not None:
-            entry.heap_item = None
-            self._note_stale()
-
-    def _note_stale(self) -> None:
-        self._stale += 1
-        if self._stale >= _COMPACT_MIN_STALE and self._stale * 2 > len(self._heap):
-            self._heap = [e.heap_item for e in self._entries.values() if e.heap_item]
-            heapq.heapify(self._heap)
-            self._stale = 0
-
-    def earliest(self) -> float | None:
-        """Fix the heap's top until it is a valid item holding its server's real deadline."""
-        heap = self._heap
-        while heap:
-            item = heap[0]
-            deadline, _, entry = item
-            if entry.heap_item is not item:
-                heapq.heappop(heap)
-                self._stale -= 1
-                continue
-            real = entry.server.next_cleaning_time if entry.state == _RUNNING else None
-            if real is None:
-                heapq.heappop(heap)
-                entry.heap_item = None
-                continue
-            if real != deadline:
-                new = (real, next(self._seq), entry)
-                entry.heap_item = new
-                heapq.heapreplace(heap, new)
-                continue
-            return deadline
-        return None
-
-    def pop_due(self, now: float) -> tuple[list[_Entry], float | None]:
-        """Take the entries whose deadline is ``now`` or earlier; return them and the next deadline."""
-        due: list[_Entry] = []
-        while True:
-            top = self.earliest()
-            if top is None or top > now:
-                return due, top
-            entry = heapq.heappop(self._heap)[2]
-            entry.heap_item = None
-            due.append(entry)
+def _start_server(key: Hashable, factory: Callable[[], Any]) -> Any:
+    """Make the server for ``key`` with ``factory()`` and start it, unless it is started."""
+    server = factory()
+    if not all(hasattr(server, name) for name in ("started", "start", "stop", "alive")):
+        raise ConfigurationError(
+            f"the factory for {key!r} returned {server!r}, not a passrpc.Server: "
+            "make it return a Server (started or not)"
+        )
+    if not server.started:
+        server.start()
+    return server
 
 
 class ServerCollection:
@@ -250,8 +115,8 @@ class ServerCollection:
         self._clock = clock
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)  # the cleaner sleeps on it
-        self._entries: dict[Hashable, _Entry] = {}
-        self._deadlines = _Deadlines(self._entries, clock, self._wakeup)
+        self._entries: dict[Hashable, Entry] = {}
+        self._deadlines = IdleDeadlines(self._entries, clock, self._wakeup)
         self._running = 0
         self._waiting = 0
         self._closed = False
@@ -305,12 +170,12 @@ class ServerCollection:
         finally:
             with self._lock:
                 entry.uses -= 1
-                if entry.state == _RUNNING:
+                if entry.state == RUNNING:
                     self._touch_locked(entry)
 
     def _acquire(
         self, key: Hashable, factory: Callable[[], Any], *, pin: bool
-    ) -> tuple[_Entry, Any]:
+    ) -> tuple[Entry, Any]:
         while True:
             # Peek without the map lock and check that the server's process
             # lives (a non-blocking waitpid) before taking it, so a lookup
@@ -318,9 +183,8 @@ class ServerCollection:
             # map. What the peek saw is verified under the map lock below.
             seen = self._entries.get(key)
             alive = None
-            if seen is not None and seen.state == _RUNNING and seen.server is not None:
-                with seen.checking:
-                    alive = bool(seen.server.alive)
+            if seen is not None and seen.state == RUNNING and seen.server is not None:
+                alive = seen.server_alive()
             with self._lock:
                 if self._closed:
                     raise CollectionClosed(
@@ -328,11 +192,11 @@ class ServerCollection:
                     )
                 entry = self._entries.get(key)
                 if entry is None:
-                    entry = self._entries[key] = _Entry(key)
-                    state = _GONE  # "create it"
+                    entry = self._entries[key] = Entry(key)
+                    state = GONE  # "create it"
                 else:
                     state = entry.state
-                    if state == _RUNNING:
+                    if state == RUNNING:
                         if entry is not seen or alive is None:
                             continue  # it changed since the peek: peek again
                         if alive:
@@ -341,16 +205,16 @@ class ServerCollection:
                             self._touch_locked(entry)
                             return entry, entry.server
                         self._mark_stopping_locked(entry)  # dead: replace it
-                    elif state == _STARTING and entry.creator == threading.get_ident():
+                    elif state == STARTING and entry.creator == threading.get_ident():
                         raise ConfigurationError(
                             f"the factory for {key!r} looked up {key!r} itself, which would "
                             "wait for itself forever; a factory must not use its own key"
                         )
                     else:
                         self._waiting += 1
-            if state == _GONE:
+            if state == GONE:
                 return entry, self._create(entry, factory, pin=pin)
-            if state == _RUNNING:
+            if state == RUNNING:
                 logger.warning(
                     "the server for %r (pid %s) exited by itself; replacing it",
                     key,
@@ -359,22 +223,15 @@ class ServerCollection:
                 self._stop_and_remove(entry)
                 continue
             try:
-                (entry.started if state == _STARTING else entry.removed).wait()
+                (entry.started if state == STARTING else entry.removed).wait()
             finally:
                 with self._lock:
                     self._waiting -= 1
 
-    def _create(self, entry: _Entry, factory: Callable[[], Any], *, pin: bool) -> Any:
-        """Run the factory and start its server, outside the lock; the entry is _STARTING."""
+    def _create(self, entry: Entry, factory: Callable[[], Any], *, pin: bool) -> Any:
+        """Run the factory and start its server, outside the lock; the entry is STARTING."""
         try:
-            server = factory()
-            if not all(hasattr(server, name) for name in ("started", "start", "stop", "alive")):
-                raise ConfigurationError(
-                    f"the factory for {entry.key!r} returned {server!r}, not a passrpc.Server: "
-                    "make it return a Server (started or not)"
-                )
-            if not server.started:
-                server.start()
+            server = _start_server(entry.key, factory)
         except BaseException:
             # start() cleans up after itself (kills the child, removes the
             # socket); the entry must go too, and waiters retry.
@@ -387,9 +244,9 @@ class ServerCollection:
             entry.server = server
             closed = self._closed
             if closed:
-                entry.state = _STOPPING
+                entry.state = STOPPING
             else:
-                entry.state = _RUNNING
+                entry.state = RUNNING
                 self._running += 1
                 entry.uses = 1 if pin else 0
                 self._touch_locked(entry)
@@ -404,8 +261,8 @@ class ServerCollection:
 
     # Deadlines ----------------------------------------------------------------
 
-    def _touch_locked(self, entry: _Entry) -> None:
-        """Move the entry's deadline on (:meth:`_Deadlines.touch`); start the cleaner if needed."""
+    def _touch_locked(self, entry: Entry) -> None:
+        """Move the entry's deadline on (:meth:`IdleDeadlines.touch`); start the cleaner if needed."""
         if self._deadlines.touch(entry) and self._cleaner is None and not self._closed:
             self._cleaner = threading.Thread(
                 target=self._run_cleaner, name="passrpc-collection-cleaner", daemon=True
@@ -434,7 +291,7 @@ class ServerCollection:
         now = self._clock()
         with self._lock:
             # Stops the cleaner thread began before this pass are part of "now".
-            others = [e for e in self._entries.values() if e.state == _STOPPING and e.expired]
+            others = [e for e in self._entries.values() if e.state == STOPPING and e.expired]
             expired, _ = self._expire_locked(now)
         self._stop_expired(expired)
         if threading.current_thread() is not self._cleaner:
@@ -442,10 +299,10 @@ class ServerCollection:
                 entry.removed.wait()
         return [entry.key for entry in expired]
 
-    def _expire_locked(self, now: float) -> tuple[list[_Entry], float | None]:
+    def _expire_locked(self, now: float) -> tuple[list[Entry], float | None]:
         """Take the servers whose deadline is ``now`` or earlier; return them and the next deadline."""
         due, top = self._deadlines.pop_due(now)
-        expired: list[_Entry] = []
+        expired: list[Entry] = []
         for entry in due:
             if entry.uses:
                 continue  # in use: the end of its use block sets a new deadline
@@ -454,7 +311,7 @@ class ServerCollection:
             expired.append(entry)
         return expired, top
 
-    def _stop_expired(self, expired: list[_Entry]) -> None:
+    def _stop_expired(self, expired: list[Entry]) -> None:
         if not expired:
             return
         try:
@@ -465,7 +322,7 @@ class ServerCollection:
                     getattr(entry.server, "pid", "?"),
                     entry.server.max_idle_time,
                 )
-                self._stop(entry)
+                entry.stop_server()
         finally:
             # One hold of the lock for the whole batch: under contention each
             # acquisition can cost the cleaner a wait for the GIL.
@@ -504,34 +361,24 @@ class ServerCollection:
 
     # Removal ------------------------------------------------------------------
 
-    def _mark_stopping_locked(self, entry: _Entry) -> None:
-        if entry.state == _RUNNING:
+    def _mark_stopping_locked(self, entry: Entry) -> None:
+        if entry.state == RUNNING:
             self._running -= 1
-        entry.state = _STOPPING
+        entry.state = STOPPING
         self._deadlines.drop(entry)
 
-    def _remove_locked(self, entry: _Entry) -> None:
+    def _remove_locked(self, entry: Entry) -> None:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
-        if entry.state == _RUNNING:
+        if entry.state == RUNNING:
             self._running -= 1
-        entry.state = _GONE
+        entry.state = GONE
         self._deadlines.drop(entry)
 
-    def _stop(self, entry: _Entry) -> None:
-        """Stop the entry's server, outside the map lock; log, never raise, an Exception."""
-        try:
-            with entry.checking:
-                entry.server.stop()
-        except ServerNotStarted:
-            pass  # someone stopped it behind the collection's back: nothing to do
-        except Exception:
-            logger.exception("stopping the server for %r failed", entry.key)
-
-    def _stop_and_remove(self, entry: _Entry) -> None:
+    def _stop_and_remove(self, entry: Entry) -> None:
         """Stop the entry's server outside the lock, then take the entry out of the map."""
         try:
-            self._stop(entry)
+            entry.stop_server()
         finally:
             with self._lock:
                 self._remove_locked(entry)
@@ -553,17 +400,17 @@ class ServerCollection:
                 if entry is None:
                     return False
                 state = entry.state
-                if state == _RUNNING:
+                if state == RUNNING:
                     self._mark_stopping_locked(entry)
-                elif state == _STARTING and entry.creator == threading.get_ident():
+                elif state == STARTING and entry.creator == threading.get_ident():
                     raise ConfigurationError(
                         f"the factory for {key!r} deleted {key!r}, which would wait for "
                         "itself forever"
                     )
-            if state == _RUNNING:
+            if state == RUNNING:
                 self._stop_and_remove(entry)
                 return True
-            if state == _STARTING:
+            if state == STARTING:
                 entry.started.wait()
                 continue
             entry.removed.wait()
@@ -617,12 +464,12 @@ class ServerCollection:
         """True if ``key`` has a running server (not one starting or stopping)."""
         with self._lock:
             entry = self._entries.get(key)
-            return entry is not None and entry.state == _RUNNING
+            return entry is not None and entry.state == RUNNING
 
     def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
         """Iterate over ``(key, server)`` pairs of running servers, as a snapshot."""
         with self._lock:
-            pairs = [(e.key, e.server) for e in self._entries.values() if e.state == _RUNNING]
+            pairs = [(e.key, e.server) for e in self._entries.values() if e.state == RUNNING]
         return iter(pairs)
 
     def statistics(self) -> CollectionStatistics:
@@ -631,9 +478,9 @@ class ServerCollection:
             states = [e.state for e in self._entries.values()]
             return CollectionStatistics(
                 running=self._running,
-                starting=states.count(_STARTING),
-                stopping=states.count(_STOPPING),
-                in_use=sum(e.uses for e in self._entries.values() if e.state == _RUNNING),
+                starting=states.count(STARTING),
+                stopping=states.count(STOPPING),
+                in_use=sum(e.uses for e in self._entries.values() if e.state == RUNNING),
                 waiting=self._waiting,
                 deadlines=len(self._deadlines),
             )

@@ -45,6 +45,7 @@ LAYERS = {
     "_spawn": 5,
     # 6: collection; 7: the command line and the package
     "_collection": 6,
+    "_entries": 6,
     "_cli": 7,
     "__main__": 7,
     "__init__": 7,
