@@ -113,14 +113,18 @@ class ServerHandshake:
 
         Raises:
             AuthenticationError: the client speaks another protocol version.
-            ProtocolError: the payload is not a hello.
+            ProtocolError: the payload is not a hello (its shape is checked first:
+                a malformed step is never answered).
         """
-        if isinstance(payload, dict) and payload.get("version") != PROTOCOL_VERSION:
+        self._client_challenge = _field(payload, "hello", "challenge")
+        version = payload.get("version")
+        if type(version) is not int:  # not bool, not float: they compare equal to 1
+            raise ProtocolError(f"handshake: 'hello' needs an int 'version', got {brief(version)}")
+        if version != PROTOCOL_VERSION:
             raise AuthenticationError(
-                f"the client speaks protocol version {payload.get('version')!r}, this server "
+                f"the client speaks protocol version {version!r}, this server "
                 f"{PROTOCOL_VERSION}: use the same passrpc version on both sides"
             )
-        self._client_challenge = _field(payload, "hello", "challenge")
         return {
             "step": "challenge",
             "version": PROTOCOL_VERSION,

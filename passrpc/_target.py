@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import runpy
 import sys
 from typing import Any
@@ -30,6 +31,10 @@ def load_target(spec: str) -> Any:
     if not module_name:
         raise TargetError(f"{spec!r} names no module: write it as module:attribute")
     if module_name.endswith(".py") or "/" in module_name:
+        # As when Python runs a script: modules beside the file are importable.
+        folder = os.path.dirname(os.path.abspath(module_name))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         try:
             namespace: Any = runpy.run_path(module_name, run_name="__passrpc__")
         except FileNotFoundError as exc:

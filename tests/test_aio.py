@@ -28,8 +28,7 @@ from passrpc import (
     Timeout,
     UnknownMessage,
 )
-from passrpc._protocol import describe_handlers
-from passrpc._protocol import ERROR_UNKNOWN_MESSAGE, error_payload
+from passrpc._protocol import ERROR_UNKNOWN_MESSAGE, describe_handlers, error_payload
 from passrpc._wire import Kind
 from passrpc.aio import AsyncChannel, AsyncProxy
 
@@ -645,3 +644,62 @@ class TestFork:
             assert proxy.statistics().connections == 1
         finally:
             proxy.close()
+
+
+class TestLargeSends:
+    """Messages far larger than the socket buffers: sendmsg takes part, the rest waits for room."""
+
+    @staticmethod
+    def size() -> int:
+        """Bytes several times what a socket pair buffers, and at least 8 MiB."""
+        a, b = socket.socketpair()
+        with a, b:
+            buffered = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) + b.getsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF
+            )
+        return max(8 * 1024 * 1024, 8 * buffered)
+
+    def test_channel_write_waits_for_room_and_delivers_every_byte(
+        self, gate: Gate, no_fd_leak: None
+    ) -> None:
+        """An AsyncChannel write too large for the buffers stays pending until the peer reads; every byte arrives."""
+        server = Server()
+
+        @server.handler("swallow", raw=True)
+        def swallow(
+            channel: passrpc.Channel, started: FileDescriptor, release: FileDescriptor
+        ) -> None:
+            Gate.hold(started, release)  # read nothing until the test lets go
+            channel.write(*channel.read())  # then take it all and send it back
+
+        blob = os.urandom(self.size())
+
+        async def main() -> None:
+            async with server.async_proxy() as proxy:
+                channel = await proxy.swallow(*gate.args())
+                async with channel:
+                    await gate.wait_started()
+                    write = asyncio.ensure_future(channel.write(blob))
+                    # With nobody reading, the kernel takes a buffer's worth and the
+                    # write waits for the socket to be writable, leaving the loop free.
+                    for _ in range(5):
+                        await asyncio.sleep(0)
+                    assert not write.done()
+                    gate.let_go()
+                    await asyncio.wait_for(write, WAIT)
+                    assert await asyncio.wait_for(channel.read(), WAIT) == (blob,)
+
+        with server:
+            run(main())
+
+    def test_concurrent_large_calls_each_arrive_whole(self, server: Server) -> None:
+        """Three calls whose argument overflows the socket buffers, sent at once, each get it all back."""
+        blobs = [os.urandom(self.size()) for _ in range(3)]
+
+        async def main() -> None:
+            async with server.async_proxy() as proxy:
+                replies = await asyncio.gather(*(proxy.echo(blob) for blob in blobs))
+                assert replies == blobs
+                assert proxy.statistics().connections <= 3
+
+        run(main())
