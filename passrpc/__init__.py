@@ -8,7 +8,7 @@ passed beside them. See README.md and docs/ for the guide.
 from __future__ import annotations
 
 from ._channel import Channel, Peer
-from ._client import Proxy, connect
+from ._client import Proxy, connect, server_status
 from ._collection import CollectionClosed, CollectionStatistics, ServerCollection
 from ._dispatch import current_peer
 from ._errors import (
@@ -28,6 +28,7 @@ from ._errors import (
     UnknownMessage,
 )
 from ._fd import FileDescriptor
+from ._protocol import HandlerStatistics, ServerStatus
 from ._registry import handler, on_signal
 from ._server import Server
 from ._wire import PROTOCOL_VERSION, Limits
@@ -46,6 +47,7 @@ __all__ = [
     "Error",
     "FileDescriptor",
     "FrameTooLarge",
+    "HandlerStatistics",
     "Limits",
     "Peer",
     "ProtocolError",
@@ -55,6 +57,7 @@ __all__ = [
     "ServerAlreadyStarted",
     "ServerCollection",
     "ServerNotStarted",
+    "ServerStatus",
     "StartError",
     "TargetError",
     "Timeout",
@@ -63,6 +66,7 @@ __all__ = [
     "current_peer",
     "handler",
     "on_signal",
+    "server_status",
 ]
 
 

@@ -12,6 +12,7 @@ the blocking client. The connection pool and the proxy are in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import weakref
 from collections.abc import Collection, Sequence
@@ -22,8 +23,8 @@ from ._auth import backoff, check_server_uid, connect_once
 from ._channel import CTRUNC, SocketEnd, os_error, scm_rights, take_ancillary, unsent
 from ._clientcore import generation
 from ._decoder import Decoder
-from ._errors import ConnectionClosed, ProtocolError
-from ._handshake import HANDSHAKE_MAX_FRAME, ClientHandshake, handshake_payload
+from ._errors import AuthenticationError, ConnectionClosed, ProtocolError
+from ._handshake import HANDSHAKE_MAX_FRAME, ClientHandshake, handshake_payload, refusal
 from ._protocol import HANDSHAKE, MESSAGE, OutOfStep, message_values
 from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions
 
@@ -433,7 +434,14 @@ async def open_async_channel(
             handshake_payload(*await channel.receive_frame(deadline), from_server=True)
             raise
         reply = await channel.receive_frame(deadline, wait_first=True)
-        answer = steps.answer(handshake_payload(*reply, from_server=True))
+        challenge = handshake_payload(*reply, from_server=True)
+        try:
+            answer = steps.answer(challenge)
+        except AuthenticationError as exc:
+            # Tell the server why we hang up, as passrpc._auth.tell_server does.
+            with contextlib.suppress(ConnectionClosed, Expired):
+                await channel.send_frame(*refusal(exc), deadline)
+            raise
         channel._decoder.cap_frame_size(None)
         # The client may send its first request right behind its proof.
         await channel.send_frame(HANDSHAKE, answer, deadline)

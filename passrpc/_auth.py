@@ -9,19 +9,22 @@ asyncio client, which differs only in how it waits.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Collection, Iterator
 
 from ._channel import Channel, Peer
-from ._errors import AuthenticationError, ConnectionClosed, Timeout
+from ._errors import AuthenticationError, ConfigurationError, ConnectionClosed, Timeout
 from ._handshake import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     HANDSHAKE_MAX_FRAME,
     ClientHandshake,
     ServerHandshake,
+    client_proof,
     handshake_payload,
     refusal,
 )
@@ -83,7 +86,9 @@ def server_handshake(
         channel.cap_frame_size(HANDSHAKE_MAX_FRAME)
         hello = _expect(channel, deadline, from_server=False)
         channel.send_frame(HANDSHAKE, steps.challenge(hello))
-        steps.verify(_expect(channel, deadline, from_server=False))
+        if deadline is not None and deadline <= time.monotonic():
+            raise Timeout("the handshake took longer than its time bound")
+        steps.verify(client_proof(*channel.receive_frame(deadline)))
         channel.cap_frame_size(None)
     except AuthenticationError as exc:
         try:
@@ -117,10 +122,89 @@ def client_handshake(
         # before our hello left: its reason is still waiting to be read.
         _expect(channel, from_server=True)
         raise
-    answer = steps.answer(_expect(channel, from_server=True))
+    challenge = _expect(channel, from_server=True)
+    try:
+        answer = steps.answer(challenge)
+    except AuthenticationError as exc:
+        tell_server(channel, exc)
+        raise
     channel.cap_frame_size(None)
     channel.send_frame(HANDSHAKE, answer)
     return peer
+
+
+def tell_server(channel: Channel, exc: AuthenticationError) -> None:
+    """Tell a server whose proof failed why this client hangs up (the server logs it)."""
+    with contextlib.suppress(ConnectionClosed, Timeout):
+        channel.send_frame(*refusal(exc))
+
+
+#: The file beside a socket that ``python -m passrpc serve`` writes the password to.
+PASSWORD_SUFFIX = ".password"  # noqa: S105 (a file name suffix)
+
+
+def read_password_file(path: str, *, ours: bool = False, private: bool = False) -> bytes:
+    """Return the password stored in ``path``: its bytes without one trailing newline.
+
+    Only a regular file is read (a FIFO planted there would hang us), never
+    through a symlink; with ``ours``, only a file of this user's; with
+    ``private``, only one nobody else may read or write (mode 0600 or
+    stricter), as ``serve`` writes it.
+
+    Raises:
+        ConfigurationError: it cannot be read, or is not such a file, or is empty.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the password file {path!r}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or ((ours or private) and st.st_uid != os.getuid()):
+            raise ConfigurationError(
+                f"{path!r} is not a password file of yours (a regular file owned by you)"
+            )
+        if private and st.st_mode & 0o077:
+            raise ConfigurationError(
+                f"the password file {path!r} has mode {stat.S_IMODE(st.st_mode):04o}, readable "
+                "or writable by others: passrpc reads it only at 0600 (chmod 600 it)"
+            )
+        data = file.read()
+    if data.endswith(b"\n"):
+        data = data[:-1]
+        if data.endswith(b"\r"):
+            data = data[:-1]
+    if not data:
+        raise ConfigurationError(f"the password file {path!r} is empty")
+    return data
+
+
+def find_password(
+    socket_path: str, password: str | bytes | None, password_file: str | os.PathLike[str] | None
+) -> str | bytes:
+    """The password to use: ``password``, else ``password_file``'s, else the file beside the socket.
+
+    The file beside the socket (``SOCKET.password``, as ``python -m passrpc
+    serve`` writes it) is read only if it is a regular file of this user with
+    mode 0600.
+
+    Raises:
+        ConfigurationError: both were given, or a file cannot be used (the
+            message says why and what to do).
+    """
+    if password is not None:
+        if password_file is not None:
+            raise ConfigurationError("give password= or password_file=, not both")
+        return password
+    if password_file is not None:
+        return read_password_file(os.fspath(password_file))
+    beside = socket_path + PASSWORD_SUFFIX
+    if not os.path.lexists(beside):
+        raise ConfigurationError(
+            f"no password given, and there is no {beside!r}: pass password= or "
+            "password_file=, or serve with 'python -m passrpc serve', which writes that file"
+        )
+    return read_password_file(beside, private=True)
 
 
 #: errno values of a connect that may succeed if tried again shortly: the

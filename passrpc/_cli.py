@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TypeAlias
 
+from ._auth import PASSWORD_SUFFIX, read_password_file
 from ._channel import Channel
 from ._client import Proxy, connect
 from ._errors import (
@@ -43,7 +44,6 @@ PASSWORD_ENV = "PASSRPC_PASSWORD"  # noqa: S105 (a variable name, not a password
 #: The environment variable ``call`` and ``list`` read when ``--socket`` is not given.
 SOCKET_ENV = "PASSRPC_SOCKET"
 #: Appended to the socket path to name the password file ``serve`` writes.
-PASSWORD_SUFFIX = ".password"  # noqa: S105 (a file name suffix)
 
 #: Seconds ``call`` and ``list`` wait by default: long enough for any
 #: interactive handler, short enough that a hung server does not hang a script.
@@ -68,35 +68,21 @@ class _Failure(Exception):
 
 
 def _read_password_file(path: str, *, ours: bool = False) -> bytes:
-    """Return the password stored in ``path``: its bytes without one trailing newline.
+    """Return the password stored in ``path`` (see :func:`passrpc._auth.read_password_file`).
 
-    Only a regular file is read (a FIFO planted there would hang us), never
-    through a symlink; with ``ours``, only a file of this user's.
+    A file readable by others is used, with a warning to chmod it.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _UsageError(f"cannot read the password file {path!r}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as file:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (ours and st.st_uid != os.getuid()):
-            raise _UsageError(
-                f"{path!r} is not a password file of yours (a regular file owned by you): "
-                "give the password with --password-file or $" + PASSWORD_ENV
+        data = read_password_file(path, ours=ours)
+    except ConfigurationError as exc:
+        raise _UsageError(f"{exc}: give the password with --password-file or ${PASSWORD_ENV}") from exc
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            _warn(
+                f"the password file {path!r} is readable by others (mode "
+                f"{stat.S_IMODE(mode):04o}); chmod 600 it"
             )
-        data = file.read()
-        mode = st.st_mode
-    if data.endswith(b"\n"):
-        data = data[:-1]
-        if data.endswith(b"\r"):
-            data = data[:-1]
-    if not data:
-        raise _UsageError(f"the password file {path!r} is empty")
-    if mode & 0o077:
-        _warn(
-            f"the password file {path!r} is readable by others (mode {stat.S_IMODE(mode):04o}); "
-            f"chmod 600 it"
-        )
     return data
 
 

@@ -15,12 +15,23 @@ from collections.abc import Collection
 from types import TracebackType
 from typing import Any
 
-from ._auth import open_channel
+from ._auth import find_password, open_channel
 from ._channel import Channel
 from ._clientcore import UNSET, ProxyBase, generation, make_proxy_class
 from ._errors import ConnectionClosed, EncodeError
 from ._handshake import password_key
-from ._protocol import CALL, DESCRIBE, MESSAGE, OutOfStep, parse_described, reply_result, request
+from ._protocol import (
+    CALL,
+    DESCRIBE,
+    MESSAGE,
+    STATUS,
+    OutOfStep,
+    ServerStatus,
+    parse_described,
+    parse_status,
+    reply_result,
+    request,
+)
 from ._wire import DEFAULT_LIMITS, Limits, WireOptions
 
 
@@ -211,7 +222,8 @@ def proxy_class(described: list[dict[str, Any]]) -> type[Proxy]:
 def connect(
     socket_path: str | os.PathLike[str],
     *,
-    password: str | bytes,
+    password: str | bytes | None = None,
+    password_file: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
     server_uids: Collection[int] | None = None,
@@ -220,10 +232,15 @@ def connect(
 
     The proxy learns the handlers (names, signatures, docstrings) from the
     server itself, so this works in a process that has no :class:`Server`.
+    With neither ``password`` nor ``password_file``, the password is read
+    from ``SOCKET.password`` (as ``python -m passrpc serve`` writes it) if
+    that is a regular file of yours with mode 0600.
 
     Args:
         socket_path: the server's socket.
         password: the server's password.
+        password_file: a file holding the password (one trailing newline is
+            not part of it).
         timeout: seconds that bound connecting and then every call; None
             waits forever.
         limits: what the server may send (:class:`Limits`).
@@ -231,6 +248,7 @@ def connect(
             process's own uid or root, so a stranger's socket is refused.
 
     Raises:
+        ConfigurationError: no password to be had (the message says why).
         ConnectionClosed: nobody listens at ``socket_path``.
         AuthenticationError: wrong password, or a server of another user.
         Timeout: the server did not answer in time.
@@ -239,6 +257,7 @@ def connect(
             error: that error.
     """
     path = os.fspath(socket_path)
+    password = find_password(path, password, password_file)
     wire = WireOptions(limits)
     channel = open_channel(
         path, password_key(password), timeout=timeout, wire=wire, server_uids=server_uids
@@ -254,3 +273,30 @@ def connect(
         raise
     proxy._adopt(channel)
     return proxy
+
+
+def server_status(
+    socket_path: str | os.PathLike[str],
+    *,
+    password: str | bytes | None = None,
+    password_file: str | os.PathLike[str] | None = None,
+    timeout: float | None = 10.0,
+    server_uids: Collection[int] | None = None,
+) -> ServerStatus:
+    """Ask a running server what it has done since it started; return its :class:`ServerStatus`.
+
+    Opens a connection of its own (counted in the figures) and closes it.
+    The password is found as by :func:`connect`. This is what
+    ``python -m passrpc status`` shows.
+
+    Raises:
+        ConfigurationError: no password to be had.
+        ConnectionClosed, AuthenticationError, Timeout: as :func:`connect`.
+        ProtocolError: the server is older than status requests (it answers
+            that it does not implement them) or sent a malformed answer.
+    """
+    path = os.fspath(socket_path)
+    key = password_key(find_password(path, password, password_file))
+    with open_channel(path, key, timeout=timeout, server_uids=server_uids) as channel:
+        channel.send_frame(STATUS, None)
+        return parse_status(*channel.receive_frame())

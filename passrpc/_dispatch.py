@@ -6,15 +6,19 @@ bare frames), and :meth:`Dispatcher.converse` runs the request-reply loop of
 one authenticated connection over any :class:`Channel` (a worker thread of
 the server's loop drives it; tests drive it over ``Channel.pair()``). What a
 frame means is :mod:`passrpc._protocol`'s to say; this module runs handlers.
-This is the place for a per-handler feature (counting calls, timing them).
+This is the place for a per-handler feature: it counts every call and times a
+sample of them (:mod:`passrpc._stats`), answers STATUS requests with the
+figures, and logs each call at DEBUG.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,19 +27,24 @@ from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError
 from ._protocol import (
     DESCRIBE,
     MESSAGE,
+    STATUS,
     BadRequest,
     Frame,
     describe_handlers,
     exception_reply,
     parse_request,
+    reply,
     unknown_message,
     unsendable,
 )
 from ._registry import Handler
+from ._stats import SAMPLE_EVERY, HandlerCounters
+from ._wire import PROTOCOL_VERSION
 
 logger = logging.getLogger("passrpc")
 
 _peer = threading.local()
+_now = time.perf_counter_ns
 
 
 def current_peer() -> Peer:
@@ -53,26 +62,50 @@ def current_peer() -> Peer:
         raise LookupError("current_peer() works only inside a passrpc handler") from None
 
 
+class Served:
+    """A handler as the dispatcher serves it: the registered handler and its counters."""
+
+    __slots__ = ("calls", "counters", "fn", "name", "raw")
+
+    def __init__(self, handler: Handler, every_call: bool) -> None:
+        self.name = handler.name
+        self.fn = handler.fn
+        self.raw = handler.raw
+        self.counters = HandlerCounters(time_every_call=every_call)
+        self.calls = self.counters.calls  # next() on it counts a call: the hot path's one step
+
+
 class RawCall:
     """A request for a raw handler: it converses on the connection itself (see :meth:`run`)."""
 
-    __slots__ = ("args", "entry", "kwargs")
+    __slots__ = ("args", "entry", "kwargs", "timed")
 
-    def __init__(self, entry: Handler, args: list[Any], kwargs: dict[str, Any] | None) -> None:
+    def __init__(
+        self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None, timed: bool
+    ) -> None:
         self.entry = entry
         self.args = args
         self.kwargs = kwargs
+        self.timed = timed
 
     def run(self, channel: Channel) -> bool:
         """Run the raw handler on ``channel``; False when the conversation is over."""
+        entry = self.entry
+        start = _now()
         try:
-            self.entry.fn(channel, *self.args, **(self.kwargs or {}))
+            entry.fn(channel, *self.args, **(self.kwargs or {}))
         except Exception:
+            next(entry.counters.errors)
+            if self.timed:
+                _timed(entry, start, "raised")
             if channel.closed:
                 return False
             # The client may be gone, or the handler may have left a frame half sent.
             with contextlib.suppress(ConnectionClosed, Timeout, EncodeError):
-                channel.send_frame(*_report(self.entry.name))
+                channel.send_frame(*_report(entry.name))
+        else:
+            if self.timed:
+                _timed(entry, start, "returned")
         return not channel.closed
 
 
@@ -85,8 +118,27 @@ def _report(name: str) -> Frame:
     return exception_reply(exc_type, exc, tb)
 
 
+def _timed(entry: Served, start: int, outcome: str) -> None:
+    """Record the duration of a sampled call that began at ``start``; log it at DEBUG."""
+    ns = _now() - start
+    entry.counters.record(ns)
+    if logger.isEnabledFor(logging.DEBUG):
+        peer = getattr(_peer, "value", None)
+        logger.debug(
+            "call %r from pid %s %s in %.3f ms",
+            entry.name,
+            peer.pid if peer is not None else "?",
+            outcome,
+            ns / 1e6,
+        )
+
+
 class Dispatcher:
-    """Runs a server's handlers for the requests of any number of connections.
+    """Runs a server's handlers for the requests of any number of connections, and counts them.
+
+    Every call is counted, and one in ``SAMPLE_EVERY`` timed; while the
+    passrpc logger logs at DEBUG when the dispatcher is made, every call is
+    timed and logged.
 
     Args:
         handlers: the registered handlers by name; copied, so a dispatcher
@@ -94,8 +146,26 @@ class Dispatcher:
     """
 
     def __init__(self, handlers: Mapping[str, Handler]) -> None:
-        self.handlers = dict(handlers)
-        self.described = describe_handlers(self.handlers.values())
+        every_call = logger.isEnabledFor(logging.DEBUG)
+        self.handlers = {name: Served(handler, every_call) for name, handler in handlers.items()}
+        self.described = describe_handlers(handlers.values())
+        self.started = time.monotonic()
+        # Connection counts; the lock guards them, never a call.
+        self._lock = threading.Lock()
+        self._open = 0
+        self._served = 0
+
+    def status(self) -> dict[str, Any]:
+        """The payload that answers STATUS: the process, its connections, each handler's figures."""
+        with self._lock:
+            connections = {"open": self._open, "served": self._served}
+        return {
+            "pid": os.getpid(),
+            "uptime": time.monotonic() - self.started,
+            "protocol": PROTOCOL_VERSION,
+            "connections": connections,
+            "handlers": {name: e.counters.summary() for name, e in self.handlers.items()},
+        }
 
     def dispatch(self, kind: int, payload: Any) -> Frame | RawCall:
         """Return the reply frame to one request frame, or the :class:`RawCall` it starts.
@@ -109,20 +179,36 @@ class Dispatcher:
         except BadRequest as exc:
             return exc.frame
         if request is None:
-            return DESCRIBE, self.described
+            return (STATUS, self.status()) if kind == STATUS else (DESCRIBE, self.described)
         name, args, kwargs = request
         entry = self.handlers.get(name)
         if entry is None:
             return unknown_message(name, self.handlers)
+        # next() counts the call; a multiple of SAMPLE_EVERY picks it for timing.
         if entry.raw:
-            return RawCall(entry, args, kwargs)
+            return RawCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY)
+        if not next(entry.calls) % SAMPLE_EVERY:
+            return self._timed_call(entry, args, kwargs)
         try:
             result = entry.fn(*args, **kwargs) if kwargs else entry.fn(*args)
         except Exception:
+            next(entry.counters.errors)
             return _report(name)
         # A tuple is a reply of several values; anything else, of one
         # (protocol.reply, inlined: this runs for every call).
         return MESSAGE, result if type(result) is tuple else (result,)
+
+    def _timed_call(self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None) -> Frame:
+        """:meth:`dispatch`'s call, timed: for the sampled calls."""
+        start = _now()
+        try:
+            result = entry.fn(*args, **kwargs) if kwargs else entry.fn(*args)
+        except Exception:
+            next(entry.counters.errors)
+            _timed(entry, start, "raised")
+            return _report(entry.name)
+        _timed(entry, start, "returned")
+        return reply(result)
 
     def converse(self, channel: Channel, peer: Peer) -> None:
         """Serve one authenticated client's requests on ``channel`` until it leaves.
@@ -132,6 +218,16 @@ class Dispatcher:
         conversation; the caller closes the channel.
         """
         _peer.value = peer
+        with self._lock:
+            self._open += 1
+            self._served += 1
+        try:
+            self._serve(channel)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    def _serve(self, channel: Channel) -> None:
         receive = channel.receive_frame
         send = channel.send_frame
         dispatch = self.dispatch
@@ -158,4 +254,3 @@ class Dispatcher:
                 payload = reply = None
         except ConnectionClosed:
             return
-

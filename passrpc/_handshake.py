@@ -91,8 +91,9 @@ class ClientHandshake:
         expected = _mac(self._key, _SERVER_LABEL, self._challenge, server_challenge)
         if not hmac.compare_digest(proof, expected):
             raise AuthenticationError(
-                "the server could not prove it knows the password: client and server "
-                "use different passwords, or the socket belongs to another server"
+                "the server's proof of the password did not match this client's password: "
+                "check the password (a trailing newline or space read from a file?), and "
+                "that the socket belongs to the server you meant"
             )
         return {
             "step": "proof",
@@ -148,7 +149,8 @@ def handshake_payload(kind: int, payload: Any, *, from_server: bool) -> Any:
     """Return the payload of a frame the handshake expects, or raise what the frame means.
 
     Only the server may refuse with an ERROR frame (it says why); from the
-    client, as any other kind, it breaks the protocol.
+    client, as any other kind, it breaks the protocol (but see
+    :func:`client_proof`).
 
     Raises:
         AuthenticationError and the like: the server refused (an ERROR frame).
@@ -161,6 +163,26 @@ def handshake_payload(kind: int, payload: Any, *, from_server: bool) -> Any:
     return payload
 
 
+def client_proof(kind: int, payload: Any) -> Any:
+    """Return the payload of the client's step 3, or raise what the client said instead.
+
+    A client whose check of the server's proof failed sends an ERROR frame of
+    code "authentication" in place of its proof, so the server can tell a
+    wrong password from a client that went away.
+
+    Raises:
+        AuthenticationError: the client reports a wrong password.
+        ProtocolError: the frame is not a handshake frame.
+    """
+    if kind == ERROR and isinstance(payload, dict) and payload.get("code") == ERROR_AUTHENTICATION:
+        raise AuthenticationError(
+            "a client reports a wrong password: this server's proof did not match its "
+            f"password ({brief(payload.get('message'))})"
+        )
+    return handshake_payload(kind, payload, from_server=False)
+
+
 def refusal(exc: AuthenticationError) -> Frame:
-    """The ERROR frame a server sends a client it refuses, saying why."""
+    """The ERROR frame that says why: a server's to a client it refuses, or a client's to a
+    server whose proof did not match its password."""
     return ERROR, error_payload(ERROR_AUTHENTICATION, "AuthenticationError", str(exc))

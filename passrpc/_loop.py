@@ -45,6 +45,15 @@ ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, err
 ACCEPT_BACKOFF = 0.1
 
 
+def _who(channel: Channel) -> str:
+    """The peer of ``channel`` for a log line: its pid and uid, as the kernel tells them."""
+    try:
+        peer = channel.peer
+    except OSError:
+        return "a peer that is gone"
+    return f"pid {peer.pid} uid {peer.uid}"
+
+
 @attrs.frozen
 class Settings:
     """A server's settings for serving clients: how they authenticate, and its time bounds."""
@@ -322,7 +331,7 @@ class ServeLoop:
                     channel, settings.key, settings.allowed_uids, settings.handshake_timeout
                 )
             except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout) as exc:
-                logger.warning("refused a connection: %s", exc)
+                logger.warning("refused a connection from %s: %s", _who(channel), exc)
                 return
             channel.timeout = settings.client_idle_timeout
             self.dispatcher.converse(channel, peer)

@@ -32,7 +32,7 @@ import attrs
 
 from ._auth import default_uids, open_channel
 from ._channel import Channel
-from ._client import Proxy, proxy_class
+from ._client import Proxy, proxy_class, server_status
 from ._errors import ConfigurationError, ServerAlreadyStarted, ServerNotStarted
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, password_key
 from ._loop import App, ServeLoop, Settings
@@ -45,7 +45,7 @@ from ._process import (
     release,
     spawn,
 )
-from ._protocol import describe_handlers
+from ._protocol import ServerStatus, describe_handlers
 from ._registry import F, Registry, parse_signal
 from ._socketfile import SocketFile, check_path, identity
 from ._target import find_target
@@ -269,6 +269,10 @@ class Server:
         """Return a proxy whose methods call this server's handlers (see :class:`passrpc.Proxy`)."""
         cls = proxy_class(describe_handlers(self._registry.handlers.values()))
         return cls(self._files.path, self._password, timeout=timeout, wire=self._settings.wire)
+
+    def status(self, *, timeout: float | None = 10.0) -> ServerStatus:
+        """Ask the running server for its figures (see :func:`passrpc.server_status`)."""
+        return server_status(self._files.path, password=self._password, timeout=timeout)
 
     def async_proxy(self, *, timeout: float | None = None) -> AsyncProxy:
         """Return an asyncio proxy whose methods are coroutines (see :mod:`passrpc.aio`)."""

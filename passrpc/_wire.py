@@ -73,14 +73,17 @@ class Kind(enum.IntEnum):
     #: Introspection: the request's payload is nil, the reply's an array of
     #: handler descriptions.
     DESCRIBE = 4
-    # 5 to 9 are reserved for the features that come next (streams, status):
-    # see RESERVED_KINDS and docs/protocol.md, section "Room to grow".
+    # 5 to 8 are reserved for streamed replies: see RESERVED_KINDS and
+    # docs/protocol.md, section 12.
+    #: The server's counters: the request's payload is nil, the reply's a map
+    #: (see passrpc._stats.ServerStatus).
+    STATUS = 9
 
 
 #: Frame kinds set aside for coming features of protocol version 1. A peer
 #: that does not implement one answers it as any unknown kind (an ERROR frame
 #: of code "unknown_kind"), never by breaking the connection.
-RESERVED_KINDS = range(5, 10)
+RESERVED_KINDS = range(5, 9)
 #: The largest kind a frame may have: one msgpack byte (a positive fixint).
 #: A larger or a negative kind is not passrpc, and breaks the connection.
 MAX_KIND = 0x7F

@@ -35,6 +35,7 @@ from ._aiochannel import (
     expire,
     open_async_channel,
 )
+from ._auth import find_password
 from ._clientcore import UNSET, ProxyBase, generation, make_proxy_class
 from ._errors import ConfigurationError, ConnectionClosed, EncodeError, Timeout
 from ._handshake import password_key
@@ -416,7 +417,8 @@ def async_proxy_class(described: list[dict[str, Any]]) -> type[AsyncProxy]:
 async def connect(
     socket_path: str | os.PathLike[str],
     *,
-    password: str | bytes,
+    password: str | bytes | None = None,
+    password_file: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -426,11 +428,14 @@ async def connect(
 
     The proxy learns the handlers (names, signatures, docstrings) from the
     server itself, so this works in a process that has no :class:`passrpc.Server`.
+    The password is found as by :func:`passrpc.connect` (``password``,
+    ``password_file``, or ``SOCKET.password`` when it is yours and 0600).
     The connection opened here becomes the pool's first.
 
     Args:
         socket_path: the server's socket.
         password: the server's password.
+        password_file: a file holding it (one trailing newline is not part of it).
         timeout: seconds that bound connecting and then each call; None waits
             forever.
         limits: what the server may send.
@@ -439,7 +444,8 @@ async def connect(
             process's own uid or root, so a stranger's socket is refused.
 
     Raises:
-        ConfigurationError: ``max_connections`` is not a positive int (before any I/O).
+        ConfigurationError: ``max_connections`` is not a positive int, or no
+            password is to be had (before any I/O).
         ConnectionClosed: nobody listens at ``socket_path``.
         AuthenticationError: wrong password, or a server of another user.
         Timeout: the server did not answer in time.
@@ -449,6 +455,7 @@ async def connect(
     """
     _check_max_connections(max_connections)
     path = os.fspath(socket_path)
+    password = find_password(path, password, password_file)
     wire = WireOptions(limits)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:

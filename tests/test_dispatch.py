@@ -80,6 +80,7 @@ class TestDispatchOnBareFrames:
             (MESSAGE, [1], ERROR_BAD_REQUEST),
             (CALL, ["add", 1, {}], ERROR_BAD_REQUEST),
             (7, ["add", 1], ERROR_UNKNOWN_KIND),
+            (42, None, ERROR_UNKNOWN_KIND),
             (MESSAGE, ["fail"], ERROR_REMOTE),
         ],
     )
@@ -133,8 +134,8 @@ class TestConverse:
         c.write("nope")
         with pytest.raises(UnknownMessage):
             c.read()
-        c.send_frame(9, "a reserved kind")
-        with pytest.raises(ProtocolError, match="does not implement frame kind 9"):
+        c.send_frame(8, "a reserved kind")
+        with pytest.raises(ProtocolError, match="does not implement frame kind 8"):
             c.read()
         c.write("unsendable")
         with pytest.raises(RemoteError, match="handler 'unsendable' returned a value that cannot"):

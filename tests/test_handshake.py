@@ -336,7 +336,8 @@ CLIENT_CASES = [
     pytest.param(
         lambda c: proving(c, proof=bytes(32)),
         AuthenticationError,
-        "could not prove it knows the password",
+        "the server's proof of the password did not match this client's password: "
+        "check the password",
         id="wrong-proof",
     ),
     pytest.param(
@@ -374,7 +375,11 @@ def test_client_refuses_a_bad_answer_to_its_hello(
     error: type[Exception],
     match: str | None,
 ) -> None:
-    """A bad step 2 raises ProtocolError (AuthenticationError for a wrong proof or an ERROR frame), and no proof is sent."""
+    """A bad step 2 raises ProtocolError (AuthenticationError for a wrong proof or an ERROR frame), and no proof is sent.
+
+    After a wrong proof the client says so, with an ERROR frame of code
+    "authentication", so that the server can log a wrong password.
+    """
     path = str(sockdir / "standin.sock")
     stand_in = StandIn(path, answer)
     try:
@@ -386,7 +391,13 @@ def test_client_refuses_a_bad_answer_to_its_hello(
     assert set(stand_in.hello) == {"step", "version", "challenge"}
     assert (stand_in.hello["step"], stand_in.hello["version"]) == ("hello", 1)
     assert len(stand_in.hello["challenge"]) == 32
-    assert stand_in.after_hello == b""
+    if match is not None and match.startswith("the server's proof"):
+        (length,) = struct.unpack(">I", stand_in.after_hello[:4])
+        kind, nfds, payload = msgpack.unpackb(stand_in.after_hello[4 : 4 + length])
+        assert (kind, nfds, payload["code"]) == (ERROR, 0, "authentication")
+        assert len(stand_in.after_hello) == 4 + length
+    else:
+        assert stand_in.after_hello == b""
 
 
 @pytest.mark.usefixtures("no_fd_leak")

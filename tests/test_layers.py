@@ -32,6 +32,7 @@ LAYERS = {
     # 3: the server's engine, one job a module
     "_registry": 3,
     "_dispatch": 3,
+    "_stats": 3,
     "_socketfile": 3,
     "_process": 3,
     "_loop": 3,

@@ -19,6 +19,7 @@ from passrpc._protocol import (
     ERROR_UNKNOWN_MESSAGE,
     HANDSHAKE,
     MESSAGE,
+    STATUS,
     BadRequest,
     OutOfStep,
     describe_handlers,
@@ -59,6 +60,7 @@ class TestRequests:
             (CALL, ["hello", [1], {"x": 2}], ("hello", [1], {"x": 2})),
             (DESCRIBE, None, None),
             (DESCRIBE, "ignored", None),
+            (STATUS, None, None),
         ],
     )
     def test_parse_request_returns_name_args_kwargs(

@@ -90,6 +90,17 @@ EXAMPLES: dict[str, Callable[[], bytes]] = {
     ),
     "descriptor": _frame(Kind.MESSAGE, ("log_to", _Fd())),
     "describe": _frame(Kind.DESCRIBE, None),
+    "status": _frame(Kind.STATUS, None),
+    "status-reply": _frame(
+        Kind.STATUS,
+        {
+            "pid": 4242,
+            "uptime": 1.5,
+            "protocol": 1,
+            "connections": {"open": 1, "served": 3},
+            "handlers": {"hi": {"calls": 2, "errors": 0, "mean": 0.25, "p99": 0.5, "timed": 2}},
+        },
+    ),
     "handshake-hello": _handshake_frame(0),
     "handshake-challenge": _handshake_frame(1),
     "handshake-proof": _handshake_frame(2),
