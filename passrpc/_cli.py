@@ -1,7 +1,7 @@
 """The command line: ``python -m passrpc`` serves, calls and lists.
 
 ``python -m passrpc app:server`` (or ``serve app:server``) runs a server in
-the foreground; ``call`` and ``list`` are clients. See docs/cli.md for the
+the foreground; ``call``, ``list`` and ``status`` are clients. See docs/cli.md for the
 guide. Exit statuses: 0 success, 1 the operation failed (a remote error, a
 wrong password, no server), 2 a usage error (bad arguments, a target that
 cannot be loaded).
@@ -10,88 +10,52 @@ cannot be loaded).
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import stat
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn, TypeAlias
+from typing import NoReturn, TypeAlias, TypeVar
 
-from ._auth import PASSWORD_SUFFIX, read_password_file
-from ._channel import Channel
-from ._client import Proxy, connect
+from ._auth import PASSWORD_SUFFIX
+from ._cli_client import (
+    PASSWORD_ENV,
+    Failure,
+    UsageError,
+    add_client_options,
+    add_password_file,
+    password_from,
+    run_call,
+    run_list,
+    run_status,
+)
 from ._errors import (
-    AuthenticationError,
     ConfigurationError,
     Error,
-    RemoteError,
     StartError,
     TargetError,
 )
-from ._fd import FileDescriptor
 from ._server import Server, reconfigure, socket_file
 from ._socketfile import is_live_socket
 from ._target import load_target
 
 logger = logging.getLogger("passrpc.cli")
 
-#: The environment variable that carries the password to every subcommand.
-PASSWORD_ENV = "PASSRPC_PASSWORD"  # noqa: S105 (a variable name, not a password)
-#: The environment variable ``call`` and ``list`` read when ``--socket`` is not given.
-SOCKET_ENV = "PASSRPC_SOCKET"
-#: Appended to the socket path to name the password file ``serve`` writes.
-
-#: Seconds ``call`` and ``list`` wait by default: long enough for any
-#: interactive handler, short enough that a hung server does not hang a script.
-DEFAULT_TIMEOUT = 30.0
-
-_SUBCOMMANDS = ("serve", "call", "list")
+_SUBCOMMANDS = ("serve", "call", "list", "status")
 _EXIT_FAILED = 1
 _EXIT_USAGE = 2
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
+#: How often --wait looks for the server again.
+_WAIT_STEP = 0.05
 
-class _UsageError(Exception):
-    """A mistake on the command line: one line on stderr, exit status 2."""
-
-
-class _Failure(Exception):
-    """The operation failed: the message on stderr, exit status 1."""
+T = TypeVar("T")
 
 
 # Passwords ------------------------------------------------------------------
-
-
-def _read_password_file(path: str, *, ours: bool = False) -> bytes:
-    """Return the password stored in ``path`` (see :func:`passrpc._auth.read_password_file`).
-
-    A file readable by others is used, with a warning to chmod it.
-    """
-    try:
-        data = read_password_file(path, ours=ours)
-    except ConfigurationError as exc:
-        raise _UsageError(f"{exc}: give the password with --password-file or ${PASSWORD_ENV}") from exc
-    with contextlib.suppress(OSError):
-        mode = os.stat(path).st_mode
-        if mode & 0o077:
-            _warn(
-                f"the password file {path!r} is readable by others (mode "
-                f"{stat.S_IMODE(mode):04o}); chmod 600 it"
-            )
-    return data
-
-
-def _password_from(args: argparse.Namespace) -> bytes | None:
-    """The password the user gave: ``--password-file`` first, then ``$PASSRPC_PASSWORD``."""
-    if args.password_file is not None:
-        return _read_password_file(args.password_file)
-    value = os.environb.get(PASSWORD_ENV.encode())
-    return value or None
 
 
 def _write_password_file(path: str, password: str | bytes) -> tuple[int, tuple[int, int]]:
@@ -127,11 +91,11 @@ def _remove_stale_password_file(path: str, socket_path: str) -> None:
     except FileNotFoundError:
         return
     if is_live_socket(socket_path):
-        raise _Failure(
+        raise Failure(
             f"a server already listens on {socket_path!r}: stop it, or choose another --socket"
         )
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-        raise _Failure(
+        raise Failure(
             f"{path!r} exists and is not a password file of ours; passrpc never removes it: "
             "remove it yourself, or choose another --socket"
         )
@@ -142,7 +106,7 @@ def _remove_stale_password_file(path: str, socket_path: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _Failure(
+        raise Failure(
             f"another passrpc serve is starting on {socket_path!r} (it holds {path!r}): "
             "stop it, or choose another --socket"
         ) from None
@@ -179,11 +143,11 @@ def _make_server(spec: str) -> Server:
 def _configure(server: Server, socket_path: str | None, password: bytes | None) -> None:
     """Point ``server`` at the socket path and password given on the command line."""
     if server.started:
-        raise _Failure(f"{server!r} is already running; the command line serves a fresh server")
+        raise Failure(f"{server!r} is already running; the command line serves a fresh server")
     try:
         reconfigure(server, socket_path=socket_path, password=password)
     except ConfigurationError as exc:
-        raise _UsageError(f"--socket: {exc}") from exc
+        raise UsageError(f"--socket: {exc}") from exc
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -191,13 +155,13 @@ def _serve(args: argparse.Namespace) -> int:
     # sys.path the way ``python -m`` does, and app:server usually lives there.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    password = _password_from(args)
+    password = password_from(args)
     # Handlers, and what they start, must not inherit the secret.
     os.environb.pop(PASSWORD_ENV.encode(), None)
     try:
         server = _make_server(args.target)
     except TargetError as exc:
-        raise _UsageError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     # After the import: an app that configures logging itself keeps its own.
     _set_up_logging(args.log_level)
     _configure(server, args.socket, password)
@@ -246,7 +210,7 @@ def _password_file(server: Server, password: bytes | None) -> Iterator[str | Non
             _remove_stale_password_file(password_file, server.socket_path)
             locked_fd, identity = _write_password_file(password_file, server.password)
         except OSError as exc:
-            raise _Failure(
+            raise Failure(
                 f"cannot write the password file {password_file!r}: {exc.strerror}; "
                 f"choose another --socket, or give the password with ${PASSWORD_ENV} "
                 "or --password-file"
@@ -270,9 +234,9 @@ def _run(server: Server) -> int:
     try:
         server.serve()
     except StartError as exc:
-        raise _Failure(str(exc)) from exc
+        raise Failure(str(exc)) from exc
     except ConfigurationError as exc:
-        raise _UsageError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     except Exception:
         # The app's own code failed (initialize_server, say): its traceback
         # is what the user needs.
@@ -285,161 +249,10 @@ def _run(server: Server) -> int:
 # call and list --------------------------------------------------------------
 
 
-def _client_password(args: argparse.Namespace, socket_path: str) -> bytes:
-    password = _password_from(args)
-    if password is not None:
-        return password
-    beside = socket_path + PASSWORD_SUFFIX
-    if os.path.exists(beside):
-        return _read_password_file(beside, ours=True)
-    raise _UsageError(
-        f"no password: set ${PASSWORD_ENV}, pass --password-file, or run the server with "
-        f"'python -m passrpc serve', which writes {beside!r}"
-    )
-
-
-def _socket_path(args: argparse.Namespace) -> str:
-    path: str | None = args.socket or os.environ.get(SOCKET_ENV)
-    if not path:
-        raise _UsageError(f"which server? pass --socket PATH (or set ${SOCKET_ENV})")
-    return path
-
-
-def _connect(args: argparse.Namespace) -> Proxy:
-    path = _socket_path(args)
-    password = _client_password(args, path)
-    timeout = args.timeout if args.timeout and args.timeout > 0 else None
-    try:
-        return connect(path, password=password, timeout=timeout)
-    except AuthenticationError as exc:
-        raise _Failure(
-            f"authentication failed: {exc} (check ${PASSWORD_ENV} or --password-file)"
-        ) from exc
-
-
-def _parse_value(text: str) -> Any:
-    """JSON where the text is JSON, else the text itself as a string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _jsonable(value: Any, fds: list[int]) -> Any:
-    """Turn a reply into values ``json`` can write (see docs/cli.md, "Output")."""
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item, fds) for item in value]
-    if isinstance(value, dict):
-        return {
-            key
-            if isinstance(key, (str, int, float, bool)) or key is None
-            else json.dumps(_jsonable(key, fds)): _jsonable(item, fds)
-            for key, item in value.items()
-        }
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, FileDescriptor):
-        number = value.fileno()
-        fds.append(number)
-        return {"$fd": number}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    code = getattr(value, "code", None)
-    data = getattr(value, "data", None)
-    if isinstance(code, int) and isinstance(data, bytes):  # a msgpack ExtType
-        return {"$ext": code, "$bytes": base64.b64encode(data).decode("ascii")}
-    return {"$repr": repr(value)}
-
-
-def _close_fds(value: Any) -> None:
-    if isinstance(value, FileDescriptor):
-        value.close()
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _close_fds(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _close_fds(key)
-            _close_fds(item)
-
-
-def _call(args: argparse.Namespace) -> int:
-    positional = [_parse_value(text) for text in args.args]
-    keywords: dict[str, Any] = {}
-    for item in args.kwarg:
-        name, sep, text = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise _UsageError(f"-k takes NAME=VALUE, got {item!r}")
-        keywords[name] = _parse_value(text)
-    with _connect(args) as proxy:
-        try:
-            reply = proxy.call(args.name, *positional, **keywords)
-            if isinstance(reply, Channel):
-                # A raw handler converses: show its first message, then hang up.
-                with reply:
-                    values = reply.read()
-                reply = values[0] if len(values) == 1 else list(values)
-        except RemoteError as exc:
-            raise _Failure(f"handler {args.name!r} raised {exc}") from exc
-    fds: list[int] = []
-    try:
-        text = json.dumps(
-            _jsonable(reply, fds), ensure_ascii=False, indent=args.indent, sort_keys=False
-        )
-    finally:
-        _close_fds(reply)
-    print(text)
-    if fds:
-        print(
-            f"passrpc call: note: the reply carried {len(fds)} file descriptor(s), shown as "
-            '{"$fd": N} with the number they had in this process; they are closed now',
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _list(args: argparse.Namespace) -> int:
-    with _connect(args) as proxy:
-        described = list(proxy._handler_info.values())
-    if args.json:
-        print(json.dumps(described, ensure_ascii=False, indent=2))
-        return 0
-    for info in sorted(described, key=lambda item: str(item["name"])):
-        raw = "  [raw: converses on the channel]" if info.get("raw") else ""
-        print(f"{info['name']}{info.get('signature', '(...)')}{raw}")
-        for line in (info.get("doc") or "").splitlines():
-            print(f"    {line}" if line else "")
-    return 0
-
-
 # The parser -----------------------------------------------------------------
 
 #: What ``add_subparsers`` returns: each subcommand is added to it by one helper.
 _Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-def _add_password_file(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--password-file", metavar="FILE", help=help)
-
-
-def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        help=f"the server's socket (default: ${SOCKET_ENV})",
-    )
-    _add_password_file(
-        parser,
-        f"read the password from FILE (default: ${PASSWORD_ENV}, else the file "
-        f"SOCKET{PASSWORD_SUFFIX} that 'serve' writes)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"bound on connecting and on the call (default: {DEFAULT_TIMEOUT:g}; 0 for none)",
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -458,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_call(commands)
     _add_list(commands)
+    _add_status(commands)
     return parser
 
 
@@ -479,7 +293,7 @@ def _add_serve(commands: _Subcommands) -> None:
         metavar="PATH",
         help="listen here instead of the server's own socket path",
     )
-    _add_password_file(
+    add_password_file(
         serve,
         f"read the password from FILE instead of ${PASSWORD_ENV} or the server's own",
     )
@@ -505,7 +319,7 @@ def _add_call(commands: _Subcommands) -> None:
             "goes to stderr with exit status 1. Put -- before ARGS that start with '-'."
         ),
     )
-    _add_client_options(call)
+    add_client_options(call)
     call.add_argument(
         "-k",
         "--kwarg",
@@ -517,7 +331,7 @@ def _add_call(commands: _Subcommands) -> None:
     call.add_argument("--indent", type=int, default=None, metavar="N", help="pretty-print the JSON")
     call.add_argument("name", metavar="NAME", help="the handler to call")
     call.add_argument("args", nargs="*", metavar="ARGS", help="its positional arguments")
-    call.set_defaults(run=_call)
+    call.set_defaults(run=run_call)
 
 
 def _add_list(commands: _Subcommands) -> None:
@@ -526,15 +340,27 @@ def _add_list(commands: _Subcommands) -> None:
         help="list the handlers with their signatures and docs",
         description="List the server's handlers: name, signature and docstring of each.",
     )
-    _add_client_options(listing)
+    add_client_options(listing)
     listing.add_argument(
         "--json", action="store_true", help="print the server's description as JSON"
     )
-    listing.set_defaults(run=_list)
+    listing.set_defaults(run=run_list)
 
 
-def _warn(message: str) -> None:
-    print(f"passrpc: warning: {message}", file=sys.stderr)
+def _add_status(commands: _Subcommands) -> None:
+    status = commands.add_parser(
+        "status",
+        help="show what a running server has done: connections, calls, durations",
+        description=(
+            "Show the server's pid, uptime and protocol version, the connections it serves "
+            "now and has served, and for each handler its calls, errors, and mean and "
+            "99th-percentile duration (measured on one call in 17, or on every call when the "
+            "server logs at debug level)."
+        ),
+    )
+    add_client_options(status)
+    status.add_argument("--json", action="store_true", help="print the figures as JSON")
+    status.set_defaults(run=run_status)
 
 
 def _fail(prog: str, message: str, status: int) -> NoReturn:
@@ -546,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``passrpc`` command line and return its exit status.
 
     ``argv`` defaults to ``sys.argv[1:]``. If the first argument is not a
-    subcommand (``serve``, ``call``, ``list``) or an option of the main
+    subcommand (``serve``, ``call``, ``list``, ``status``) or an option of the main
     parser, ``serve`` is assumed: ``python -m passrpc app:server``.
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -560,9 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"passrpc {args.command}"
     try:
         status: int = args.run(args)
-    except _UsageError as exc:
+    except UsageError as exc:
         _fail(prog, str(exc), _EXIT_USAGE)
-    except _Failure as exc:
+    except Failure as exc:
         _fail(prog, str(exc), _EXIT_FAILED)
     except Error as exc:
         _fail(prog, str(exc), _EXIT_FAILED)
@@ -571,3 +397,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return status
+

@@ -8,6 +8,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 
 import passrpc
 
-from .helpers import REPO, cli_env, wait_while_running
+from .helpers import REPO, WAIT, cli_env, wait_while_running
 
 PASSWORD = "cli-test-password"
 START_DEADLINE = 20.0
@@ -332,16 +333,33 @@ class TestCall:
         assert "authentication failed" in result.stderr
         assert "PASSRPC_PASSWORD" in result.stderr
 
-    def test_no_server_exits_1(self, sockdir: Path) -> None:
-        """A socket nobody listens on is a clear failure, not a traceback."""
-        result = call(str(sockdir / "none.sock"), "hello")
+    def test_a_missing_socket_says_so_before_any_password(self, sockdir: Path) -> None:
+        """A mistyped path is reported as a missing socket (with the path), not a password problem."""
+        path = str(sockdir / "none.sock")
+        for command in ("call", "list", "status"):
+            args = [command, "--socket", path, *(["hello"] if command == "call" else [])]
+            result = run_cli(*args)
+            assert result.returncode == 1, result.stderr
+            assert f"no socket at {path!r}: is the server running" in result.stderr
+            assert "password" not in result.stderr
+            assert "Traceback" not in result.stderr
+
+    def test_a_socket_nobody_listens_on_exits_1(self, sockdir: Path) -> None:
+        """A socket file with no server behind it is a clear failure, not a traceback."""
+        path = str(sockdir / "s.sock")
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(path)
+        result = call(path, "hello")
         assert result.returncode == 1
         assert "cannot connect" in result.stderr
         assert "Traceback" not in result.stderr
 
     def test_no_password_is_a_usage_error(self, sockdir: Path) -> None:
         """Without any password source, call says where a password can come from."""
-        result = run_cli("call", "--socket", str(sockdir / "s.sock"), "hello")
+        path = str(sockdir / "s.sock")
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(path)
+        result = run_cli("call", "--socket", path, "hello")
         assert result.returncode == 2
         assert "PASSRPC_PASSWORD" in result.stderr
 
@@ -416,6 +434,8 @@ class TestSecrets:
     def test_fifo_beside_the_socket_is_refused_not_read(self, sockdir: Path) -> None:
         """A FIFO planted at SOCKET.password is refused at once instead of hanging the client."""
         path = str(sockdir / "s.sock")
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(path)
         os.mkfifo(path + ".password")
         result = run_cli("call", "--socket", path, "hello", "A", "B")
         assert result.returncode == 2
@@ -432,3 +452,82 @@ class TestSecrets:
             assert password_file.read_text() == before
             stop(first)
         assert first.returncode == 0
+
+
+class TestStatusAndWait:
+    """``python -m passrpc status``, ``--wait``, and ``connect(path)`` against a CLI server."""
+
+    def test_status_shows_connections_and_each_handlers_figures(self, sockdir: Path) -> None:
+        """status prints pid, uptime, connections and a line per handler; --json the same as data."""
+        path = str(sockdir / "s.sock")
+        with serving("tests.apps.greeter:server", "--socket", path, socket_path=path) as process:
+            # No password given: each command reads the file serve wrote beside the socket.
+            assert run_cli("call", "--socket", path, "hello", "A", "B").returncode == 0
+            assert run_cli("call", "--socket", path, "fail", "x").returncode == 1
+            text = run_cli("status", "--socket", path)
+            data = run_cli("status", "--socket", path, "--json")
+            stop(process)
+        assert text.returncode == 0, text.stderr
+        assert f"pid {process.pid}, up " in text.stdout
+        assert "connections: 1 open, 3 served" in text.stdout
+        assert re.search(r"^hello\s+1\s+0\s+", text.stdout, re.MULTILINE), text.stdout
+        assert re.search(r"^fail\s+1\s+1\s+", text.stdout, re.MULTILINE), text.stdout
+        figures = json.loads(data.stdout)
+        assert figures["pid"] == process.pid
+        assert figures["protocol_version"] == passrpc.PROTOCOL_VERSION
+        assert (figures["connections_open"], figures["connections_served"]) == (1, 4)
+        assert figures["handlers"]["fail"]["calls"] == figures["handlers"]["fail"]["errors"] == 1
+        assert figures["handlers"]["blob"] == {
+            "calls": 0, "errors": 0, "mean": 0.0, "p99": 0.0, "timed": 0,
+        }  # fmt: skip
+
+    def test_wait_outlasts_a_server_that_starts_later(self, sockdir: Path) -> None:
+        """call --wait started before the server answers once the server is up."""
+        path = str(sockdir / "s.sock")
+        client = subprocess.Popen(
+            [sys.executable, "-m", "passrpc", "call", "--wait", "20", "--socket", path,
+             "hello", "A", "B"],
+            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            with serving("tests.apps.greeter:server", "--socket", path, socket_path=path) as server:
+                out, err = client.communicate(timeout=30)
+                stop(server)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.communicate()
+        assert client.returncode == 0, err
+        assert json.loads(out) == ["Hello A B, how are you?", 1234]
+
+    def test_wait_gives_up_saying_what_it_waited_for(self, sockdir: Path) -> None:
+        """With no server, --wait ends after its time with exit status 1 and the path."""
+        path = str(sockdir / "never.sock")
+        start = time.monotonic()
+        result = run_cli("list", "--wait", "0.5", "--socket", path)
+        assert time.monotonic() - start >= 0.5
+        assert result.returncode == 1
+        assert f"no socket at {path!r}" in result.stderr
+        assert "gave up after waiting 0.5 s" in result.stderr
+
+    def test_connect_finds_the_password_file_serve_wrote(self, sockdir: Path) -> None:
+        """passrpc.connect(path) with no password reads SOCKET.password, as serve writes it."""
+        path = str(sockdir / "s.sock")
+        with serving("tests.apps.greeter:server", "--socket", path, socket_path=path) as process:
+            wait_until(lambda: os.path.exists(path + ".password"), process, "password file")
+            with passrpc.connect(path, timeout=WAIT) as proxy:
+                assert proxy.hello("A", "B") == ("Hello A B, how are you?", 1234)
+            assert passrpc.server_status(path).handlers["hello"].calls == 1
+            stop(process)
+
+    def test_a_password_file_that_others_can_read_is_not_used_implicitly(
+        self, sockdir: Path
+    ) -> None:
+        """connect(path) refuses a SOCKET.password that is not 0600, saying how to fix it."""
+        path = str(sockdir / "s.sock")
+        Path(path + ".password").write_text("pw\n")
+        os.chmod(path + ".password", 0o644)
+        with pytest.raises(passrpc.ConfigurationError, match=r"mode 0644.*chmod 600"):
+            passrpc.connect(path)
+        with pytest.raises(passrpc.ConfigurationError, match="no password given, and there is no"):
+            passrpc.connect(str(sockdir / "other.sock"))
