@@ -1,4 +1,4 @@
-"""The seed's example: one handler, called through a proxy and through a channel.
+"""A first passrpc server: one handler, called through a proxy and through a channel.
 
 Run it with ``python examples/hello.py`` (or ``python -m examples.hello``):
 it starts the server in a child process, calls it twice, and stops it.
@@ -17,7 +17,7 @@ server = passrpc.Server()
 
 @server.handler("hello")
 def hello(first_name: str, last_name: str) -> tuple[str, int]:
-    """Greet someone by name; the number is the seed's, to show a reply of two values."""
+    """Greet someone by name, and give a number too: a handler can reply with several values."""
     return f"Hello {first_name} {last_name}, how are you?", 1234
 
 
@@ -30,7 +30,7 @@ def main() -> None:
             reply, number = proxy.hello("Joe", "Dalton")
             print(f"proxy:   {reply} ({number})")
 
-        # The seed's raw form: one conversation on one connection.
+        # The raw form: one conversation on one connection, as Passenger's connect did.
         with server.connect() as channel:
             channel.write("hello", "Jack", "Dalton")
             reply, number = channel.read()
