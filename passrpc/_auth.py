@@ -86,6 +86,9 @@ def server_handshake(
         channel.cap_frame_size(HANDSHAKE_MAX_FRAME)
         hello = _expect(channel, deadline, from_server=False)
         channel.send_frame(HANDSHAKE, steps.challenge(hello))
+        # The client may send its first request, descriptors and all, right
+        # behind its proof: those are taken, but only once the proof is whole.
+        channel.cap_frame_size(HANDSHAKE_MAX_FRAME, last_step=True)
         if deadline is not None and deadline <= time.monotonic():
             raise Timeout("the handshake took longer than its time bound")
         steps.verify(client_proof(*channel.receive_frame(deadline)))

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import socket
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -59,6 +60,34 @@ def peer_of(sock: socket.socket) -> Peer:
     """Return the kernel's credentials of the process at the other end of ``sock``."""
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     return Peer(*_PEERCRED.unpack(data))
+
+
+class DescriptorBudget:
+    """How many received descriptors may wait for the rest of their frame, over many channels.
+
+    A server shares one among its connections (see
+    :meth:`Channel.share_descriptor_budget`), so that clients that announce
+    frames with descriptors and never finish them cannot, together, fill
+    its descriptor table. Thread-safe.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> bool:
+        """Charge ``count`` descriptors; False (and nothing charged) if that would pass the limit."""
+        with self._lock:
+            if self.used + count > self.limit:
+                return False
+            self.used += count
+            return True
+
+    def give(self, count: int) -> None:
+        """Give back ``count`` charged descriptors."""
+        with self._lock:
+            self.used -= count
 
 
 class SocketEnd:
@@ -247,12 +276,19 @@ class Channel(SocketEnd):
             ) from exc
         raise os_error(exc, doing, self._closed, fds) from exc
 
-    def cap_frame_size(self, size: int | None) -> None:
-        """Take frames of at most ``size`` bytes from the next one on; None lifts the cap.
+    def cap_frame_size(self, size: int | None, *, last_step: bool = False) -> None:
+        """Take frames of at most ``size`` bytes, and no descriptor, from the next one on.
 
-        For a peer that has not authenticated yet (see :mod:`passrpc._auth`).
+        For a peer that has not authenticated yet (see :mod:`passrpc._auth`):
+        a descriptor it sends breaks the channel at once, unless ``last_step``
+        and the peer's last handshake frame has arrived whole (a request sent
+        right behind it may carry descriptors). None lifts both caps.
         """
-        self._decoder.cap_frame_size(size)
+        self._decoder.cap_frame_size(size, last_step=last_step)
+
+    def share_descriptor_budget(self, budget: DescriptorBudget) -> None:
+        """Charge descriptors waiting for the rest of their frame to ``budget``, shared with others."""
+        self._decoder.share_budget(budget)
 
     def shutdown(self) -> None:
         """End the connection itself, for every process that holds it; then :meth:`close`.

@@ -64,6 +64,13 @@ class Descriptor(Protocol):
     def close(self) -> None: ...
 
 
+class Budget(Protocol):
+    """A count shared by many decoders: descriptors waiting for their frame, process-wide."""
+
+    def take(self, count: int) -> bool: ...
+    def give(self, count: int) -> None: ...
+
+
 class Decoder:
     """Turns received bytes and descriptors into whole frames, incrementally.
 
@@ -89,16 +96,36 @@ class Decoder:
         self._broken: ProtocolError | None = None
         self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
         self._hook = self._ext_hook  # bound once, not on every frame
+        self._refuse_fds = False  # until the peer authenticates (cap_frame_size)
+        self._fds_after_frame = False
+        self._budget: Budget | None = None
+        self._charged = 0  # descriptors charged to the budget, all waiting now
         self._configure(wire.limits)
 
-    def cap_frame_size(self, size: int | None) -> None:
-        """Take frames of at most ``size`` bytes from the next one on; None lifts the cap.
+    def cap_frame_size(self, size: int | None, *, last_step: bool = False) -> None:
+        """Take frames of at most ``size`` bytes, and no descriptor, from the next one on.
 
         For a peer that has not authenticated yet: it may not make this
-        process set aside more than ``size`` bytes for one frame.
+        process set aside more than ``size`` bytes for one frame, nor make it
+        hold a descriptor: one that arrives breaks the decoder, and is
+        closed. With ``last_step`` (the peer's last handshake frame is
+        next), descriptors are taken once that frame has arrived whole: they
+        can only belong to a request sent right behind it, and the frame is
+        checked before anything else is read. None lifts both caps.
         """
         self._max_frame = self._limits.max_frame_size if size is None else size
+        self._refuse_fds = size is not None
+        self._fds_after_frame = last_step
         self._gate_fast_path()
+
+    def share_budget(self, budget: Budget | None) -> None:
+        """Charge descriptors that wait for the rest of their frame to ``budget`` (see :class:`Budget`).
+
+        A server gives every connection's decoder one budget, so that many
+        connections together cannot fill its descriptor table with frames
+        they never finish.
+        """
+        self._budget = budget
 
     def _configure(self, limits: Limits) -> None:
         self._limits = limits
@@ -196,6 +223,18 @@ class Decoder:
         self.end += nbytes
         if fds:
             self._fds.extend(fds)
+            if self._refuse_fds and not (self._fds_after_frame and self._frame_complete()):
+                raise self._fail(
+                    ProtocolError(
+                        f"the peer sent {len(self._fds)} descriptor(s) before it authenticated; "
+                        "they were closed"
+                    )
+                )
+
+    def _frame_complete(self) -> bool:
+        """Whether the frame at the start of the buffer has arrived whole."""
+        pending = self.end - self._start
+        return pending >= HEADER_SIZE and pending >= HEADER_SIZE + self._frame_length()
 
     def _frame_length(self) -> int:
         if self._broken is not None:
@@ -283,12 +322,16 @@ class Decoder:
         if end - start < HEADER_SIZE:
             if self._broken is not None:
                 raise self._broken
+            if self._fds:
+                self._incomplete()
             return None
         length = _unpack_header(self._buf, start)[0]
         if length > self._max_frame:
             self._frame_length()  # raises FrameTooLarge (or the error that broke us)
         stop = start + HEADER_SIZE + length
         if stop > end:
+            if self._fds:
+                self._incomplete()
             return None
         view = self.view[start + HEADER_SIZE : stop]
         buf = self._buf
@@ -303,6 +346,41 @@ class Decoder:
                 self._consumed(start, stop, end)
                 return _MESSAGE, payload
         return self._next_general(start, stop, end, view)
+
+    def _incomplete(self) -> None:
+        """Bound the descriptors that wait for the rest of their frame.
+
+        They arrived with the frame's first byte, so they are at most one
+        frame's worth (``max_fds``), and charged to the shared budget.
+
+        Raises:
+            ProtocolError: more wait than one frame may carry, or the budget
+                is spent; the decoder is broken and every descriptor closed.
+        """
+        waiting = len(self._fds)
+        if waiting > self._limits.max_fds:
+            raise self._fail(
+                ProtocolError(
+                    f"the peer sent {waiting} descriptors for frames it has not finished, over "
+                    f"the limit of {self._limits.max_fds} per frame; they were closed"
+                )
+            )
+        budget = self._budget
+        if budget is not None and waiting > self._charged:
+            if not budget.take(waiting - self._charged):
+                raise self._fail(
+                    ProtocolError(
+                        "this process holds as many descriptors waiting for unfinished frames "
+                        f"as it allows; the peer's {waiting} were closed"
+                    )
+                )
+            self._charged = waiting
+
+    def _release(self) -> None:
+        """Give the charged descriptors back to the budget: their frame is decoded (or closed)."""
+        if self._budget is not None:
+            self._budget.give(self._charged)
+        self._charged = 0
 
     def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:
         """Decode the one whole frame in the buffer, a message that carries ``nfds`` descriptors.
@@ -325,6 +403,8 @@ class Decoder:
         if len(used) < nfds or (nfds > 1 and len(set(used)) < nfds):
             _close_unmentioned(list(fds), used)
         fds.clear()
+        if self._charged:
+            self._release()
         self._offset += end
         self.end = 0
         return _MESSAGE, payload
@@ -426,6 +506,8 @@ class Decoder:
             )
         popleft = self._fds.popleft
         taken = [popleft() for _ in range(nfds)]
+        if self._charged:
+            self._release()  # what still waits is charged again if its frame is unfinished
         if len(used) < nfds or len(set(used)) < nfds:
             _close_unmentioned(taken, used)
         return kind, payload
@@ -434,6 +516,8 @@ class Decoder:
         """Close every descriptor received and not yet handed out in a frame."""
         while self._fds:
             self._fds.popleft().close()
+        if self._charged:
+            self._release()
 
 
 def _close_unmentioned(taken: list[Descriptor], used: list[int]) -> None:

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import queue
+import resource
 import select
 import signal
 import socket
@@ -29,7 +30,7 @@ from typing import Any
 import attrs
 
 from ._auth import server_handshake
-from ._channel import Channel
+from ._channel import Channel, DescriptorBudget
 from ._dispatch import Dispatcher
 from ._errors import AuthenticationError, ConnectionClosed, ProtocolError, Timeout
 from ._process import READY, STOP, serving_sockets
@@ -52,6 +53,20 @@ def _who(channel: Channel) -> str:
     except OSError:
         return "a peer that is gone"
     return f"pid {peer.pid} uid {peer.uid}"
+
+
+#: Descriptors that may wait for the rest of their frame, over all of a
+#: server's connections: enough for 16 clients sending frames of 64 at once,
+#: and never more than a quarter of the process's descriptor limit.
+MAX_WAITING_DESCRIPTORS = 1024
+
+
+def waiting_descriptor_limit() -> int:
+    """The server-wide bound on descriptors waiting for their frame (see docs/reliability.md)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_WAITING_DESCRIPTORS
+    return max(1, min(MAX_WAITING_DESCRIPTORS, soft // 4))
 
 
 @attrs.frozen
@@ -137,6 +152,8 @@ class ServeLoop:
         self.done = threading.Event()
         self.thread = threading.current_thread()
         self.dispatcher = Dispatcher(app.registry.handlers)
+        # Sized again once initialize_server has run (it may change the limit).
+        self.descriptor_budget = DescriptorBudget(waiting_descriptor_limit())
         self.clients: dict[socket.socket, threading.Thread] = {}
         self.idle: list[_Worker] = []  # client threads waiting for their next client
         self.clients_lock = threading.Lock()
@@ -198,6 +215,7 @@ class ServeLoop:
                 self.listener.close()  # nobody will accept: take the socket away now
                 app.files.remove(self.identity)
                 raise
+            self.descriptor_budget.limit = waiting_descriptor_limit()
             if self.ready is not None:
                 self.ready.send(READY, socket.MSG_NOSIGNAL)
             logger.info("passrpc server pid %d listening on %s", os.getpid(), app.files.path)
@@ -325,6 +343,7 @@ class ServeLoop:
     def _serve_client(self, sock: socket.socket) -> None:
         settings = self.settings
         channel = Channel(sock, wire=settings.wire)
+        channel.share_descriptor_budget(self.descriptor_budget)
         try:
             try:
                 peer = server_handshake(

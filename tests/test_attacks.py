@@ -1,0 +1,197 @@
+"""Adversarial peers: what a client can make a server hold, and what it gets for trying.
+
+Each test speaks the protocol by hand over a raw socket (docs/protocol.md),
+checks the server's answer, that it holds nothing for the attacker (its
+descriptor table read from /proc), and that it still serves a good client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import resource
+import secrets
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import passrpc
+from passrpc import Channel, ProtocolError, Server
+from passrpc._channel import DescriptorBudget
+from passrpc._decoder import Decoder
+
+from .helpers import HANDSHAKE, MESSAGE, WAIT, frame, read_frame, read_until_closed, wait_for
+
+PASSWORD = "attack-test"
+
+
+def _mac(label: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.digest(PASSWORD.encode(), label + first + second, "sha256")
+
+
+def server_fds(server: Server) -> int:
+    """How many descriptors the server process has open now."""
+    return len(os.listdir(f"/proc/{server.pid}/fd"))
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    server = Server(password=PASSWORD)
+    server.add_handler("ok", lambda *args: len(args))
+    with server:
+        yield server
+
+
+def connected(server: Server) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.connect(server.socket_path)
+    return sock
+
+
+def authenticate(sock: socket.socket) -> None:
+    """The documented handshake, by hand."""
+    ours = secrets.token_bytes(32)
+    sock.sendall(frame(HANDSHAKE, 0, {"step": "hello", "version": 1, "challenge": ours}))
+    _, _, answer = read_frame(sock)
+    theirs = answer["challenge"]
+    proof = _mac(b"passrpc client\x00", theirs, ours)
+    sock.sendall(frame(HANDSHAKE, 0, {"step": "proof", "proof": proof}))
+
+
+def still_serves(server: Server) -> None:
+    with passrpc.connect(server.socket_path, password=PASSWORD, timeout=WAIT) as proxy:
+        assert proxy.ok(1, 2) == 2
+
+
+class TestDescriptors:
+    def test_descriptors_before_authentication_are_refused_at_once(self, server: Server) -> None:
+        """A stranger's descriptors, sent one byte at a time with a hello, are closed and it is cut off."""
+        before = server_fds(server)
+        hello = frame(HANDSHAKE, 0, {"step": "hello", "version": 1, "challenge": bytes(32)})
+        r, w = os.pipe()
+        try:
+            with connected(server) as sock:
+                socket.send_fds(sock, [hello[:1]], [r] * 64)
+                # The server refuses at once; nothing it sent, the connection closed.
+                assert read_until_closed(sock) == b""
+            # Whatever the server had taken in, it has let go of.
+            wait_for(lambda: server_fds(server) <= before, what="the server to close them")
+        finally:
+            os.close(r)
+            os.close(w)
+        still_serves(server)
+
+    def test_a_whole_hello_with_descriptors_is_refused_too(self, server: Server) -> None:
+        """Descriptors are refused before the proof even when the hello frame they ride is whole."""
+        hello = frame(HANDSHAKE, 0, {"step": "hello", "version": 1, "challenge": bytes(32)})
+        r, w = os.pipe()
+        try:
+            with connected(server) as sock:
+                socket.send_fds(sock, [hello], [r])
+                assert read_until_closed(sock) == b""
+        finally:
+            os.close(r)
+            os.close(w)
+        still_serves(server)
+
+    def test_a_request_behind_the_proof_may_carry_descriptors(self, server: Server) -> None:
+        """A client may pipeline its first request, with descriptors, right behind its proof."""
+        r, w = os.pipe()
+        try:
+            with connected(server) as sock:
+                ours = secrets.token_bytes(32)
+                sock.sendall(frame(HANDSHAKE, 0, {"step": "hello", "version": 1, "challenge": ours}))
+                _, _, answer = read_frame(sock)
+                proof = _mac(b"passrpc client\x00", answer["challenge"], ours)
+                request = frame(MESSAGE, 1, ["ok", passrpc_fd_placeholder(0)])
+                sock.sendall(frame(HANDSHAKE, 0, {"step": "proof", "proof": proof}))
+                socket.send_fds(sock, [request], [r])
+                assert read_frame(sock) == (MESSAGE, 0, [1])
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def test_an_unfinished_frame_may_hold_one_frames_descriptors(self, server: Server) -> None:
+        """An authenticated client that trickles a frame with descriptors on every byte is cut off."""
+        before = server_fds(server)
+        r, w = os.pipe()
+        try:
+            with connected(server) as sock:
+                authenticate(sock)
+                big = frame(MESSAGE, 64, ["ok", "x" * 1000])
+                socket.send_fds(sock, [big[:1]], [r] * 64)
+                socket.send_fds(sock, [big[1:2]], [r] * 64)
+                assert read_until_closed(sock) == b""
+            wait_for(lambda: server_fds(server) <= before, what="the server to close them")
+        finally:
+            os.close(r)
+            os.close(w)
+        still_serves(server)
+
+
+def passrpc_fd_placeholder(index: int) -> object:
+    import msgpack
+
+    return msgpack.ExtType(1, bytes([index]))
+
+
+class TestDescriptorBudget:
+    def test_decoders_sharing_a_budget_refuse_past_it(self) -> None:
+        """Descriptors waiting for unfinished frames are charged to a shared budget, and given back."""
+        budget = DescriptorBudget(100)
+        first, second = Decoder(), Decoder()
+        first.share_budget(budget)
+        second.share_budget(budget)
+        unfinished = frame(MESSAGE, 64, ["x" * 100])[:10]
+        closed: list[int] = []
+
+        class Fd:
+            def __init__(self, n: int) -> None:
+                self.n = n
+
+            def close(self) -> None:
+                closed.append(self.n)
+
+        first.receive_data(unfinished, [Fd(i) for i in range(64)])
+        assert first.next_frame() is None
+        assert budget.used == 64
+        second.receive_data(unfinished, [Fd(i) for i in range(64)])
+        with pytest.raises(ProtocolError, match="as many descriptors waiting"):
+            second.next_frame()
+        assert len(closed) == 64  # the second peer's, closed
+        assert budget.used == 64
+        first.close()
+        assert budget.used == 0
+
+    def test_the_server_wide_bound_follows_the_descriptor_limit(self) -> None:
+        """The bound is 1,024 descriptors, or a quarter of RLIMIT_NOFILE when that is lower."""
+        from passrpc._loop import MAX_WAITING_DESCRIPTORS, waiting_descriptor_limit
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert waiting_descriptor_limit() == min(MAX_WAITING_DESCRIPTORS, soft // 4)
+
+    def test_a_finished_frame_gives_its_descriptors_back(self) -> None:
+        """Once the frame is whole and decoded, its descriptors leave the budget."""
+        budget = DescriptorBudget(100)
+        left, right = Channel.pair(timeout=WAIT)
+        right.share_descriptor_budget(budget)
+        r, w = os.pipe()
+        # Larger than the socket's buffer: it arrives in pieces, its descriptor
+        # with the first, and waits (charged) until the last.
+        sent = passrpc.FileDescriptor(os.dup(r))
+        writer = threading.Thread(target=left.write, args=("x", sent, b"y" * 1_000_000))
+        writer.start()
+        try:
+            (_, fd, _) = right.read()
+            fd.close()
+            assert budget.used == 0
+        finally:
+            writer.join(WAIT)
+            sent.close()
+            os.close(r)
+            os.close(w)
+            left.close()
+            right.close()
