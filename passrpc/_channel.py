@@ -146,6 +146,7 @@ class Channel(SocketEnd):
         self._decoder = Decoder(wire)
         self._ancbufsize = socket.CMSG_SPACE(max_fds * 4) if max_fds else 0
         self._closed = False
+        self._late = False  # a read timed out: call() is no longer safe
         sock.settimeout(timeout)
         # Bound once: the read and write paths below run for every message.
         self._encode = self._encoder.encode
@@ -190,6 +191,8 @@ class Channel(SocketEnd):
             ConnectionClosed: the peer closed the connection (or it broke).
             Timeout: no whole message within the timeout; the channel stays
                 usable, and a later read returns the message when it comes.
+                That message may be the late reply to an earlier request: for
+                request and reply, use :meth:`call`, which never mixes them up.
             RemoteError, UnknownMessage, AuthenticationError: the peer sent an
                 error frame instead of a message.
             ProtocolError: the peer broke the protocol; the channel is closed.
@@ -200,6 +203,33 @@ class Channel(SocketEnd):
         try:
             return message_values(kind, payload)
         except OutOfStep:
+            self.close()
+            raise
+
+    def call(self, *values: Any) -> tuple[Any, ...]:
+        """Send one message and return the peer's reply: request and reply, kept in step.
+
+        If the reply does not come within the timeout, the channel is closed
+        (as a proxy discards its connection), so that a late reply can never
+        be taken for the answer to a later request; open a new channel to go
+        on. A channel whose :meth:`read` timed out earlier is refused, for the
+        same reason.
+
+        Raises:
+            Timeout: no reply within the timeout; the channel is closed.
+            ProtocolError: an earlier read on this channel timed out; its
+                reply may still be on its way.
+            and what :meth:`write` and :meth:`read` raise.
+        """
+        if self._late:
+            raise ProtocolError(
+                "an earlier read on this channel timed out, and its reply may still come: "
+                "call() on it could return that reply; open a new channel"
+            )
+        self.send_frame(_MESSAGE, values)
+        try:
+            return self.read()
+        except Timeout:
             self.close()
             raise
 
@@ -271,6 +301,8 @@ class Channel(SocketEnd):
         if isinstance(exc, TimeoutError):
             if doing == "sending":  # part of a frame may be out: the stream is unusable
                 self.close()
+            else:
+                self._late = True  # what comes next may answer an earlier request
             raise Timeout(
                 f"{doing} a message took longer than the timeout of {self.timeout} s"
             ) from exc

@@ -58,6 +58,18 @@ _PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
 
 
+def any_ext(code: int, data: bytes) -> msgpack.ExtType:
+    """An extension value this side has no meaning for, as ``msgpack.ExtType(code, data)``.
+
+    msgpack's own hook refuses the negative codes (-128 to -2) that its
+    specification reserves; they pass through here like any other
+    (docs/protocol.md section 4), and encode back unchanged.
+    """
+    if code >= 0:
+        return msgpack.ExtType(code, data)
+    return tuple.__new__(msgpack.ExtType, (code, data))  # ExtType's own check wants 0..127
+
+
 class Descriptor(Protocol):
     """What the decoder needs of a received descriptor object: it can close it."""
 
@@ -268,7 +280,7 @@ class Decoder:
     def _ext_hook_rest(self, code: int, data: bytes) -> object:
         """Other extension types, wide placeholders, and placeholders that point nowhere."""
         if code != FD_EXT_CODE:
-            return msgpack.ExtType(code, data)
+            return any_ext(code, data)
         if not 1 <= len(data) <= 4:
             raise ValueError(f"a descriptor placeholder of {len(data)} bytes; it takes 1 to 4")
         index = int.from_bytes(data, "big")
@@ -448,9 +460,7 @@ class Decoder:
     def _unpack_general(self, view: memoryview, hook: Any) -> Any:
         """Decode with every option; placeholders resolve only in frames that carry descriptors."""
         self._used = []
-        if hook is None:
-            return _unpackb(view, strict_map_key=False, **self._options)
-        return _unpackb(view, strict_map_key=False, ext_hook=hook, **self._options)
+        return _unpackb(view, strict_map_key=False, ext_hook=hook or any_ext, **self._options)
 
     def _after_last_frame(self) -> None:
         """Every byte received is decoded: drop an outsized buffer, refuse stray descriptors.

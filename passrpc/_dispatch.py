@@ -45,6 +45,9 @@ logger = logging.getLogger("passrpc")
 
 _peer = threading.local()
 _now = time.perf_counter_ns
+#: What a handler may raise and still get an error reply: SystemExit too, so
+#: that a handler's sys.exit() cannot end its connection's thread.
+_FAILURES = (Exception, SystemExit)
 
 
 def current_peer() -> Peer:
@@ -94,7 +97,7 @@ class RawCall:
         start = _now()
         try:
             entry.fn(channel, *self.args, **(self.kwargs or {}))
-        except Exception:
+        except _FAILURES:
             next(entry.counters.errors)
             if self.timed:
                 _timed(entry, start, "raised")
@@ -191,7 +194,7 @@ class Dispatcher:
             return self._timed_call(entry, args, kwargs)
         try:
             result = entry.fn(*args, **kwargs) if kwargs else entry.fn(*args)
-        except Exception:
+        except _FAILURES:
             next(entry.counters.errors)
             return _report(name)
         # A tuple is a reply of several values; anything else, of one
@@ -203,7 +206,7 @@ class Dispatcher:
         start = _now()
         try:
             result = entry.fn(*args, **kwargs) if kwargs else entry.fn(*args)
-        except Exception:
+        except _FAILURES:
             next(entry.counters.errors)
             _timed(entry, start, "raised")
             return _report(entry.name)

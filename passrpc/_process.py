@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -230,7 +231,10 @@ def child_hygiene(keep: set[int]) -> None:
 
     Descriptors are not closed but covered with /dev/null: a Python object
     left over from the parent that closes its number later then closes
-    /dev/null, never a descriptor the server opened since.
+    /dev/null, never a descriptor the server opened since. A number at or
+    above RLIMIT_NOFILE (inherited from a parent whose limit was higher)
+    cannot be covered, and needs not be: no descriptor opened since can get
+    it, so it is closed.
     """
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
@@ -242,6 +246,7 @@ def child_hygiene(keep: set[int]) -> None:
             signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd in keep or fd == devnull:
@@ -250,7 +255,10 @@ def child_hygiene(keep: set[int]) -> None:
             os.fstat(fd)
         except OSError:
             continue  # listdir's own descriptor, already closed
-        os.dup2(devnull, fd, inheritable=False)
+        if soft != resource.RLIM_INFINITY and fd >= soft:
+            os.close(fd)
+        else:
+            os.dup2(devnull, fd, inheritable=False)
     os.close(devnull)
 
 

@@ -50,9 +50,28 @@ ERROR_CANCELLED = "cancelled"
 ERROR_UNAVAILABLE = "unavailable"
 
 
+#: Longest ``type`` and ``message`` (characters) an ERROR frame carries, and
+#: longest ``traceback``: whatever a handler raised, its error reply stays
+#: small enough to send (docs/protocol.md section 7).
+MAX_ERROR_TEXT = 4096
+MAX_TRACEBACK_TEXT = 65536
+
+
+def _bounded(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = f" [... {len(text) - limit + 40} characters cut]"
+    return text[: limit - len(cut)] + cut
+
+
 def error_payload(code: str, remote_type: str, message: str, traceback: str = "") -> dict[str, str]:
-    """Build the payload of an ERROR frame."""
-    return {"code": code, "type": remote_type, "message": message, "traceback": traceback}
+    """Build the payload of an ERROR frame; long texts are cut to the documented bounds."""
+    return {
+        "code": code,
+        "type": _bounded(remote_type, MAX_ERROR_TEXT),
+        "message": _bounded(message, MAX_ERROR_TEXT),
+        "traceback": _bounded(traceback, MAX_TRACEBACK_TEXT),
+    }
 
 
 def error_from_payload(payload: Any) -> Exception:
@@ -159,7 +178,7 @@ def unknown_message(name: str, names: Iterable[str]) -> Frame:
     return ERROR, error_payload(
         ERROR_UNKNOWN_MESSAGE,
         "UnknownMessage",
-        f"the server has no handler for {name!r}; it has: {sorted(names)}",
+        f"the server has no handler for {brief(name)}; it has: {sorted(names)}",
     )
 
 
@@ -174,7 +193,11 @@ def exception_reply(exc_type: Any, exc: BaseException, tb: TracebackType | None)
     if exc_type.__module__ not in ("builtins", "__main__"):
         remote_type = f"{exc_type.__module__}.{remote_type}"
     text = "".join(traceback.format_exception(exc_type, exc, tb))
-    return ERROR, error_payload(ERROR_REMOTE, remote_type, str(exc), text)
+    try:
+        message = str(exc)
+    except Exception as failure:  # its __str__ raised: the reply must still go out
+        message = f"<the exception's message could not be made: {type(failure).__name__}>"
+    return ERROR, error_payload(ERROR_REMOTE, remote_type, message, text)
 
 
 def unsendable(request_payload: Any, exc: Exception) -> Frame:

@@ -90,6 +90,8 @@ MAX_KIND = 0x7F
 #: What an encoder hands out to send: bytes, or a view of a caller's buffer.
 Buffer = bytes | bytearray | memoryview
 
+#: A descriptor number is a C int: SCM_RIGHTS carries nothing larger.
+_MAX_FD = 0x7FFFFFFF
 _NO_FDS: list[int] = []  # shared, never mutated: most frames carry no descriptors
 _BINARY = frozenset({bytes, bytearray, memoryview})
 _ARRAY3 = b"\x93"
@@ -213,8 +215,8 @@ class Encoder:
         if fileno is None:  # as some classes say "no fileno here"
             raise _unencodable(obj)
         fd = fileno()
-        if not isinstance(fd, int) or fd < 0:
-            raise EncodeError(f"{brief(obj)}.fileno() returned {fd!r}, not a descriptor number")
+        if not isinstance(fd, int) or not 0 <= fd <= _MAX_FD:
+            raise EncodeError(f"{brief(obj)}.fileno() returned {brief(fd)}, not a descriptor number")
         fds = self._fds
         fds.append(fd)
         index = len(fds) - 1
