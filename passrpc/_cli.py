@@ -169,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
         logger.info("serving %s on %s", args.target, server.socket_path)
         if password_file is not None:
             logger.info(
-                "password in %s (mode 0600; call and list read it from there)", password_file
+                "password in %s (mode 0600; call, list, status and passrpc.connect(path) read it from there)", password_file
             )
         else:
             logger.info("password from %s", args.password_file or "$" + PASSWORD_ENV)
