@@ -253,10 +253,11 @@ class Decoder:
             raise self._broken
         (length,) = _HEADER.unpack_from(self._buf, self._start)
         if length > self._max_frame:
+            before = " before the peer authenticated" if self._refuse_fds else ""
             raise self._fail(
                 FrameTooLarge(
                     f"frame at stream offset {self._offset} announces {length} bytes, over the "
-                    f"limit of {self._limits.max_frame_size}: the peer sent too large a message "
+                    f"limit of {self._max_frame}{before}: the peer sent too large a message "
                     "or is not speaking passrpc"
                 )
             )

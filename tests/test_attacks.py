@@ -13,14 +13,17 @@ import resource
 import secrets
 import socket
 import threading
+import tracemalloc
 from collections.abc import Iterator
 
+import msgpack
 import pytest
 
 import passrpc
-from passrpc import Channel, ProtocolError, Server
+from passrpc import Channel, Peer, ProtocolError, Server
 from passrpc._channel import DescriptorBudget
 from passrpc._decoder import Decoder
+from passrpc._dispatch import Dispatcher
 
 from .helpers import HANDSHAKE, MESSAGE, WAIT, frame, read_frame, read_until_closed, wait_for
 
@@ -133,8 +136,6 @@ class TestDescriptors:
 
 
 def passrpc_fd_placeholder(index: int) -> object:
-    import msgpack
-
     return msgpack.ExtType(1, bytes([index]))
 
 
@@ -195,3 +196,57 @@ class TestDescriptorBudget:
             os.close(w)
             left.close()
             right.close()
+
+
+class TestMemory:
+    @pytest.mark.parametrize(
+        "first", [pytest.param(1, id="bad-request"), pytest.param("nope", id="unknown-handler")]
+    )
+    def test_a_refused_requests_payload_is_let_go_once_answered(self, first: object) -> None:
+        """The decoded payload of a request answered with an error is released at once, not parked."""
+        client, server = Channel.pair(timeout=WAIT)
+        dispatcher = Dispatcher({})
+        thread = threading.Thread(target=dispatcher.converse, args=(server, Peer(0, 0, 0)))
+        thread.start()
+        # 200,000 empty maps: 200 KB on the wire, about 13 MB once decoded.
+        body = msgpack.packb([MESSAGE, 0, [first, *([{}] * 200_000)]])
+        tracemalloc.start()
+        try:
+            client.send_frame(MESSAGE, [first, *([{}] * 200_000)])
+            with pytest.raises(passrpc.Error):
+                client.read()
+            # Answered: the server thread lets go of the payload before it reads on.
+            wait_for(
+                lambda: tracemalloc.get_traced_memory()[0] < 2_000_000,
+                what="the payload to be released",
+            )
+        finally:
+            tracemalloc.stop()
+            client.close()
+            thread.join(WAIT)
+            server.close()
+        assert len(body) < 300_000
+
+    @pytest.mark.parametrize(
+        ("shape", "bound"),
+        [
+            (b"\x80", 75),  # empty maps
+            (b"\x90", 70),  # empty arrays
+            (b"\x81\x00\x81\x00\x81\x00\x80", 120),  # one-entry maps, nested
+            (b"\xc0", 10),  # nils
+        ],
+    )
+    def test_a_frame_decodes_to_at_most_120_times_its_size(self, shape: bytes, bound: int) -> None:
+        """The worst shapes msgpack can send decode to at most 120 bytes per byte (docs/protocol.md, 6)."""
+        count = (1 << 20) // len(shape)
+        body = b"\x93\x00\x00\xdd" + count.to_bytes(4, "big") + shape * count
+        decoder = Decoder()
+        decoder.receive_data(len(body).to_bytes(4, "big") + body)
+        tracemalloc.start()
+        try:
+            frame_ = decoder.next_frame()
+            size, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert frame_ is not None
+        assert size / len(body) <= bound
