@@ -250,3 +250,118 @@ class TestMemory:
             tracemalloc.stop()
         assert frame_ is not None
         assert size / len(body) <= bound
+
+
+class TestEveryOutcomeAnswered:
+    """Whatever a handler does, the caller gets the documented error reply and the connection lives."""
+
+    @pytest.fixture
+    def odd(self) -> Iterator[Server]:
+        server = Server(password=PASSWORD)
+
+        class Unprintable(Exception):
+            def __str__(self) -> str:
+                raise RuntimeError("no text for you")
+
+        class HugeFd:
+            def fileno(self) -> int:
+                return 2**31
+
+        def exits() -> None:
+            raise SystemExit(3)
+
+        def unprintable() -> None:
+            raise Unprintable
+
+        server.add_handler("exits", exits)
+        server.add_handler("unprintable", unprintable)
+        server.add_handler("huge_fd", HugeFd)
+        server.add_handler("ext", lambda: msgpack.ExtType(127, b"x"))
+        server.add_handler("echo", lambda value: value)
+        with server:
+            yield server
+
+    @pytest.mark.parametrize(
+        ("name", "match"),
+        [
+            ("exits", "SystemExit: 3"),
+            ("unprintable", "message could not be made: RuntimeError"),
+            ("huge_fd", "EncodeError: handler 'huge_fd' returned a value that cannot be sent"),
+        ],
+    )
+    def test_the_caller_gets_an_error_reply(self, odd: Server, name: str, match: str) -> None:
+        """SystemExit, an exception whose str() raises, an unsendable descriptor: each an error reply."""
+        with passrpc.connect(odd.socket_path, password=PASSWORD, timeout=WAIT) as proxy:
+            with pytest.raises(passrpc.RemoteError, match=match):
+                proxy.call(name)
+            assert proxy.echo(1) == 1  # the same connection goes on
+        assert odd.alive
+
+    def test_a_huge_unknown_name_gets_a_bounded_error(self, odd: Server) -> None:
+        """A 16 MiB handler name is answered with an error of at most a few KiB."""
+        with passrpc.connect(odd.socket_path, password=PASSWORD, timeout=WAIT) as proxy:
+            with pytest.raises(passrpc.UnknownMessage) as info:
+                proxy.call("x" * (16 << 20))
+            assert len(str(info.value)) < 5000
+            assert proxy.echo(2) == 2
+
+    def test_reserved_negative_ext_codes_pass_through(self, odd: Server) -> None:
+        """An extension value of code -128 (msgpack's reserved range) travels both ways unchanged."""
+        from passrpc._decoder import any_ext
+
+        value = any_ext(-128, b"abc")
+        with passrpc.connect(odd.socket_path, password=PASSWORD, timeout=WAIT) as proxy:
+            assert proxy.echo(value) == value
+            assert proxy.ext() == msgpack.ExtType(127, b"x")
+
+
+def test_start_copes_with_a_descriptor_above_the_limit() -> None:
+    """A parent holding a descriptor at or above RLIMIT_NOFILE still starts a server."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 600:
+        pytest.skip("needs a hard limit of at least 600 descriptors")
+    r, w = os.pipe()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (600, hard))
+    high = os.dup2(r, 550)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (500, hard))
+    try:
+        server = Server(password=PASSWORD)
+        server.add_handler("ok", lambda: "ok")
+        with server:
+            assert server.proxy(timeout=WAIT).ok() == "ok"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(high)
+        os.close(r)
+        os.close(w)
+
+
+class TestChannelCall:
+    def test_a_late_reply_never_answers_a_later_call(self) -> None:
+        """call() closes a channel whose reply is late; a timed-out read() makes call() refuse."""
+        left, right = Channel.pair(timeout=0.2)
+        try:
+            with pytest.raises(passrpc.Timeout):
+                left.call("first")
+            assert left.closed
+            other, peer = Channel.pair(timeout=0.2)
+            with pytest.raises(passrpc.Timeout):
+                other.read()
+            peer.write("late reply")
+            with pytest.raises(ProtocolError, match="an earlier read on this channel timed out"):
+                other.call("second")
+            assert other.read() == ("late reply",)  # read() still hands it over, as documented
+            other.close()
+            peer.close()
+        finally:
+            left.close()
+            right.close()
+
+    def test_call_returns_the_reply(self) -> None:
+        """call() writes one message and returns the next one."""
+        left, right = Channel.pair(timeout=WAIT)
+        with left, right:
+            thread = threading.Thread(target=lambda: right.write(*right.read(), "back"))
+            thread.start()
+            assert left.call("there") == ("there", "back")
+            thread.join(WAIT)
