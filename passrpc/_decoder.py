@@ -204,6 +204,8 @@ class Decoder:
             FrameTooLarge: the pending frame's header is over the limit.
         """
         if self.end == 0:  # empty: the whole buffer, no slicing
+            if not self._buf:  # released (release_buffer)
+                self.reserve_buffer()
             return self.view
         pending = self.end - self._start
         need = HEADER_SIZE - pending
@@ -225,6 +227,18 @@ class Decoder:
                 self._fast_max = -1  # its frame takes the general path, which drops it after
         self._start, self.end = 0, pending
         return self.view[pending:]
+
+    def release_buffer(self) -> None:
+        """Let go of the buffer if it holds nothing; :meth:`reserve_buffer` before reading again."""
+        if self.end == 0:
+            self._buf = bytearray()
+            self.view = memoryview(self._buf)
+
+    def reserve_buffer(self, *, fresh: bool = False) -> None:
+        """Make a receive buffer after :meth:`release_buffer` (with ``fresh``, in any case)."""
+        if fresh or not self._buf:
+            self._buf = bytearray(_INITIAL_BUFFER)
+            self.view = memoryview(self._buf)
 
     def buffer_updated(self, nbytes: int, fds: Iterable[Descriptor] = ()) -> None:
         """Record that ``nbytes`` were written at the start of :meth:`get_buffer`'s view.
@@ -276,19 +290,7 @@ class Decoder:
         if code == FD_EXT_CODE and len(data) == 1 and data[0] < len(self._fds):
             self._used.append(data[0])
             return self._fds[data[0]]
-        return self._ext_hook_rest(code, data)
-
-    def _ext_hook_rest(self, code: int, data: bytes) -> object:
-        """Other extension types, wide placeholders, and placeholders that point nowhere."""
-        if code != FD_EXT_CODE:
-            return any_ext(code, data)
-        if not 1 <= len(data) <= 4:
-            raise ValueError(f"a descriptor placeholder of {len(data)} bytes; it takes 1 to 4")
-        index = int.from_bytes(data, "big")
-        if index >= len(self._fds):
-            raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
-        self._used.append(index)
-        return self._fds[index]
+        return _other_ext(self._fds, self._used, code, data)
 
     def next_frame(self, received: int = 0) -> tuple[int, Any] | None:
         """Return the next whole frame as ``(kind, payload)``, or None if more bytes are needed.
@@ -478,43 +480,15 @@ class Decoder:
                     f"(by stream offset {self._offset}); they were closed"
                 )
             )
-        self._buf = bytearray(_INITIAL_BUFFER)
-        self.view = memoryview(self._buf)
+        self.reserve_buffer(fresh=True)
         self._oversized = False
         self._gate_fast_path()
 
     def _check_frame(self, offset: int, kind: Any, nfds: Any, payload: Any) -> tuple[int, Any]:
-        # Kinds this side does not know still decode: the layer above answers
-        # them (see RESERVED_KINDS), so that a newer peer keeps its connection.
-        if type(kind) is not int or not 0 <= kind <= MAX_KIND:
-            raise self._fail(
-                ProtocolError(
-                    f"frame at stream offset {offset}: frame kind {kind!r} is not an integer "
-                    f"from 0 to {MAX_KIND}; the peer is not speaking passrpc"
-                )
-            )
-        if type(nfds) is not int or not 0 <= nfds <= self._limits.max_fds:
-            raise self._fail(
-                ProtocolError(
-                    f"frame at stream offset {offset}: descriptor count {nfds!r} is not an "
-                    f"integer from 0 to {self._limits.max_fds}"
-                )
-            )
-        if nfds > len(self._fds):
-            raise self._fail(
-                ProtocolError(
-                    f"frame at stream offset {offset} claims {nfds} descriptors but only "
-                    f"{len(self._fds)} arrived with it"
-                )
-            )
         used = self._used
-        if used and max(used) >= nfds:
-            raise self._fail(
-                ProtocolError(
-                    f"frame at stream offset {offset} refers to descriptor {max(used)} "
-                    f"but carries only {nfds}"
-                )
-            )
+        problem = _head_problem(offset, kind, nfds, len(self._fds), used, self._limits.max_fds)
+        if problem is not None:
+            raise self._fail(ProtocolError(problem))
         popleft = self._fds.popleft
         taken = [popleft() for _ in range(nfds)]
         if self._charged:
@@ -529,6 +503,48 @@ class Decoder:
             self._fds.popleft().close()
         if self._charged:
             self._release()
+
+
+def _other_ext(fds: deque[Descriptor], used: list[int], code: int, data: bytes) -> object:
+    """Other extension types, wide placeholders, and placeholders that point nowhere."""
+    if code != FD_EXT_CODE:
+        return any_ext(code, data)
+    if not 1 <= len(data) <= 4:
+        raise ValueError(f"a descriptor placeholder of {len(data)} bytes; it takes 1 to 4")
+    index = int.from_bytes(data, "big")
+    if index >= len(fds):
+        raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
+    used.append(index)
+    return fds[index]
+
+
+def _head_problem(
+    offset: int, kind: Any, nfds: Any, arrived: int, used: list[int], max_fds: int
+) -> str | None:
+    """What is wrong with a decoded frame's kind and descriptor count, or None."""
+    # Kinds this side does not know still decode: the layer above answers
+    # them (see RESERVED_KINDS), so that a newer peer keeps its connection.
+    if type(kind) is not int or not 0 <= kind <= MAX_KIND:
+        return (
+            f"frame at stream offset {offset}: frame kind {kind!r} is not an integer "
+            f"from 0 to {MAX_KIND}; the peer is not speaking passrpc"
+        )
+    if type(nfds) is not int or not 0 <= nfds <= max_fds:
+        return (
+            f"frame at stream offset {offset}: descriptor count {nfds!r} is not an "
+            f"integer from 0 to {max_fds}"
+        )
+    if nfds > arrived:
+        return (
+            f"frame at stream offset {offset} claims {nfds} descriptors but only "
+            f"{arrived} arrived with it"
+        )
+    if used and max(used) >= nfds:
+        return (
+            f"frame at stream offset {offset} refers to descriptor {max(used)} "
+            f"but carries only {nfds}"
+        )
+    return None
 
 
 def _close_unmentioned(taken: list[Descriptor], used: list[int]) -> None:

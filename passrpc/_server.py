@@ -35,7 +35,7 @@ from ._channel import Channel
 from ._client import Proxy, proxy_class, server_status
 from ._errors import ConfigurationError, ServerAlreadyStarted, ServerNotStarted
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, password_key
-from ._loop import App, ServeLoop, Settings
+from ._loop import DEFAULT_THREADS, App, ServeLoop, Settings
 from ._process import (
     STOP,
     ServerProcess,
@@ -58,7 +58,7 @@ logger = logging.getLogger("passrpc")
 
 
 class Server:
-    """A passrpc server: handlers on a password-protected Unix socket, a thread per client.
+    """A passrpc server: handlers on a password-protected Unix socket, a pool of threads.
 
     Register handlers with :meth:`handler` (or :func:`passrpc.handler` on
     methods of a subclass), then :meth:`start` it in a forked child (or
@@ -85,6 +85,12 @@ class Server:
             server closes it; None for never.
         start_timeout: seconds :meth:`start` waits for the server to be ready.
         backlog: the listen backlog.
+        max_connections: connections the server holds at once, authenticated
+            or not; one more is told ``busy`` and closed (the client raises
+            :class:`ServerBusy`). None: 4,096, or half the descriptor limit
+            (``RLIMIT_NOFILE``) if that is lower.
+        threads: the most pool threads serving clients at once (64): idle
+            connections hold none; handlers that block hold theirs.
     """
 
     def __init__(
@@ -102,7 +108,13 @@ class Server:
         client_idle_timeout: float | None = None,
         start_timeout: float = 30.0,
         backlog: int = 1024,
+        max_connections: int | None = None,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
+        if max_connections is not None and max_connections < 1:
+            raise ConfigurationError(f"max_connections must be at least 1, got {max_connections!r}")
+        if threads < 1:
+            raise ConfigurationError(f"threads must be at least 1, got {threads!r}")
         self._files = SocketFile.choose(socket_path, socket_mode)
         self._password = secrets.token_urlsafe(32) if password is None else password
         self.max_idle_time = max_idle_time
@@ -116,6 +128,8 @@ class Server:
             client_idle_timeout=client_idle_timeout,
             shutdown_timeout=shutdown_timeout,
             backlog=backlog,
+            max_connections=max_connections,
+            threads=threads,
         )
         self._keep_fds = frozenset(keep_fds)
         self._start_timeout = start_timeout

@@ -36,6 +36,8 @@ LAYERS = {
     "_socketfile": 3,
     "_process": 3,
     "_loop": 3,
+    "_pool": 3,
+    "_connection": 3,
     # 4: the clients (they know nothing of the server)
     "_clientcore": 4,
     "_client": 4,
