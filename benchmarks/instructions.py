@@ -22,8 +22,9 @@ chan_fd       one message carrying a descriptor, Channel to Channel; the
               receiver closes it
 proxy_client  a proxy call's client side, against canned replies
 server_call   a call's server side: the request read from a Channel, dispatched
-              to a handler, the reply sent (the body of Dispatcher.converse),
-              against canned requests
+              to a handler, the reply sent (the body of Dispatcher.serve's loop,
+              which a pool thread runs while requests keep coming), against
+              canned requests
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ RUNS = (1000, 3000)
 
 def run(operation: str, n: int) -> None:
     """The loop that callgrind counts (this script, run again with ``--loop``)."""
+    import collections
     import socket
     import struct
 
@@ -121,11 +123,16 @@ def run(operation: str, n: int) -> None:
         client_end = d._sock
         sink = bytearray(65536)
         dispatcher = Dispatcher({"echo": Handler("echo", lambda x: x, False)})
-        receive, send, dispatch = c.receive_frame, c.send_frame, dispatcher.dispatch
+        receive, send, dispatch = c.receive_waiting, c.send_frame, dispatcher.dispatch
+        hurry = collections.deque()  # the pool's backlog, as Dispatcher.serve asks it
         request = encode_frame(0, ("echo", 1))[0]
         for _ in range(n):
             client_end.sendall(request)
-            reply = dispatch(*receive())
+            frame = receive(hurry)
+            if frame is None:
+                raise SystemExit("no request")
+            kind, payload = frame
+            reply = dispatch(kind, payload)
             send(*reply)  # type: ignore[misc]
             client_end.recv_into(sink)
     else:

@@ -298,19 +298,19 @@ class Channel(SocketEnd):
             self.close()
             raise
 
-    def receive_waiting(self, wait: bool) -> tuple[int, Any] | None:
+    def receive_waiting(self, hurry: object) -> tuple[int, Any] | None:
         """Return the next frame, or None when none is whole and the socket has no more for now.
 
-        For a server that parks idle connections (see :mod:`passrpc._loop`):
-        with ``wait``, each read blocks as the socket does (until bytes come,
-        or for the receive timeout set on it with ``SO_RCVTIMEO``); without,
-        it takes only what is there (``MSG_DONTWAIT``). The bytes of an
-        unfinished frame stay buffered for the next call. Raises as
-        :meth:`receive_frame`; a timeout set with :attr:`timeout` still
-        raises :class:`Timeout`.
+        For a server that parks idle connections (see :mod:`passrpc._loop`).
+        Before each read it asks whether ``hurry`` is true (the server passes
+        its queue of connections that wait for a thread): if not, the read
+        blocks as the socket does (until bytes come, or for the receive
+        timeout set on it with ``SO_RCVTIMEO``); if so, it takes only what is
+        there (``MSG_DONTWAIT``). The bytes of an unfinished frame stay
+        buffered for the next call. Raises as :meth:`receive_frame`; a
+        timeout set with :attr:`timeout` still raises :class:`Timeout`.
         """
         decoder = self._decoder
-        flags = _CLOEXEC if wait else _NOWAIT
         try:
             # receive_frame's read path, but for the flags and "nothing now".
             if decoder.end == 0:
@@ -322,15 +322,15 @@ class Channel(SocketEnd):
                 buffer = decoder.get_buffer()
             while True:
                 try:
-                    nbytes, ancillary, rflags, _ = self._recvmsg_into(
-                        [buffer], self._ancbufsize, flags
+                    nbytes, ancillary, flags, _ = self._recvmsg_into(
+                        [buffer], self._ancbufsize, _NOWAIT if hurry else _CLOEXEC
                     )
                 except BlockingIOError:
                     return None
                 except OSError as exc:
                     self._raise(exc, "receiving")
-                if ancillary or rflags & CTRUNC or not nbytes:
-                    take_ancillary(decoder, nbytes, ancillary, rflags, self._max_fds)
+                if ancillary or flags & CTRUNC or not nbytes:
+                    take_ancillary(decoder, nbytes, ancillary, flags, self._max_fds)
                     frame = decoder.next_frame()
                 else:
                     frame = decoder.next_frame(nbytes)

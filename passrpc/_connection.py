@@ -1,24 +1,23 @@
 """One client's connection as the server holds it, from accept to close.
 
-A connection costs a thread only while it has work. The server's poller
-(:mod:`passrpc._loop`) drives its handshake one frame at a time as the bytes
-arrive, never blocking, over the pure steps of :mod:`passrpc._handshake`.
-Once the client has proved it knows the password, a pool thread serves its
-requests for as long as they keep coming, and parks it in the poller,
-without a receive buffer, when they stop.
+A connection costs a thread only while bytes keep coming on it. The server's
+loop (:mod:`passrpc._loop`) hands each new or readable connection to a pool
+thread, which takes it as far as the bytes allow: the handshake's steps
+(the pure ones of :mod:`passrpc._handshake`), then requests, for as long as
+they keep coming. When they stop, the thread parks the connection in the
+loop's poller, without a receive buffer, and is free for another.
 
-Its ``state`` says who holds it, and who may move it on:
+Two fields say where a connection is. ``stage`` is how far its handshake
+went; ``state`` is who holds it, and so who may move it on:
 
-======== ======================================== ======================
-state    where it is                              moved on by
-======== ======================================== ======================
-HELLO    the poller waits for the client's hello  the poller
-PROOF    the poller waits for the client's proof  the poller
-QUEUED   readable, waiting for a pool thread      the pool thread
-SERVING  a pool thread serves its requests        that thread
-PARKED   idle in the poller: no thread, no buffer the poller
-CLOSED   gone                                     nobody
-======== ======================================== ======================
+======== ========================================== =====================
+state    where it is                                moved on by
+======== ========================================== =====================
+QUEUED   waiting for a pool thread, first come      the pool thread
+SERVING  a pool thread takes its handshake or calls that thread
+PARKED   idle in the poller: no thread, no buffer   the poller
+CLOSED   gone                                       nobody
+======== ========================================== =====================
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import contextlib
 import math
 import socket
 import struct
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from ._auth import check_uid
 from ._channel import Channel, DescriptorBudget, Peer
@@ -43,15 +42,16 @@ from ._handshake import (
 from ._protocol import HANDSHAKE
 from ._wire import WireOptions
 
-HELLO, PROOF, QUEUED, SERVING, PARKED, CLOSED = range(6)
+NEW, HELLO, PROOF, AUTHENTICATED = range(4)  # stages: what the connection waits for next
+QUEUED, SERVING, PARKED, CLOSED = range(4)  # states
 
-#: Seconds a pool thread waits for a connection's next request before it
-#: parks the connection (while no other connection waits for a thread; with
-#: one waiting, it parks at once). A client that calls again within this
-#: keeps its thread and pays no hand-off; one that pauses longer costs a
-#: wake-up of the poller and of a thread (tens of microseconds). 5 ms covers
-#: a client's own work between calls in a tight loop, and a thread that
-#: waits in vain is held no longer than a scheduler tick or two.
+#: Seconds a pool thread waits for a connection's next bytes (a request, or
+#: the handshake's next step) before it parks the connection; while another
+#: connection waits for a thread it does not wait at all. A client that calls
+#: again within this keeps its thread and pays no hand-off; one that pauses
+#: longer costs a wake-up of the poller and of a thread (tens of
+#: microseconds). 5 ms covers a client's own work between calls in a tight
+#: loop, and a thread that waits in vain is held a scheduler tick or two.
 LINGER = 0.005
 
 _TIMEVAL = struct.Struct("@ll")
@@ -70,7 +70,7 @@ _LINGER = timeval(LINGER)
 
 
 class ServerConnection:
-    """One client's connection on the server: its channel, its state, and the steps that move it.
+    """One client's connection on the server: its channel, how far it got, and the steps that move it.
 
     Args:
         sock: the accepted socket; the connection owns it.
@@ -83,42 +83,60 @@ class ServerConnection:
         "_steps",
         "channel",
         "deadline",
+        "expired",
         "fd",
         "peer",
+        "registered",
         "sock",
+        "stage",
         "state",
         "timed",
     )
 
-    def __init__(self, sock: socket.socket, wire: WireOptions, budget: DescriptorBudget) -> None:
+    channel: Channel  # from greet() on
+
+    def __init__(self, sock: socket.socket) -> None:
+        # Only what the poller needs: a pool thread does the rest (greet).
         self.sock = sock
         self.fd = sock.fileno()
-        self.channel = channel = Channel(sock, wire=wire)
-        channel.share_descriptor_budget(budget)
-        # Until the client has proved it knows the password it may not make
-        # this process set aside (or decode) more than a handshake frame.
-        channel.cap_frame_size(HANDSHAKE_MAX_FRAME)
-        self.state = HELLO
+        self.stage = NEW
+        self.state = QUEUED
         self.peer: Peer | None = None
-        #: When the poller closes it if still parked (client_idle_timeout), and
+        self._steps: ServerHandshake | None = None
+        #: When the poller closes it while parked (client_idle_timeout), and
         #: whether it is in the poller's heap of such deadlines.
         self.deadline = math.inf
         self.timed = False
-        self._steps: ServerHandshake | None = None
+        self.registered = False  # in the poller's epoll set (from its first parking on)
+        self.expired = False  # its handshake ran out of time while a thread held it
 
     def who(self) -> str:
         """The peer for a log line: its pid and uid, as the kernel told them at accept."""
         peer = self.peer
         return "a peer that is gone" if peer is None else f"pid {peer.pid} uid {peer.uid}"
 
-    def greet(self, key: bytes, allowed_uids: Collection[int]) -> None:
-        """Check the client's uid, before reading a byte from it.
+    def greet(
+        self, key: bytes, allowed_uids: Collection[int], wire: WireOptions, budget: DescriptorBudget
+    ) -> None:
+        """Make the connection's channel and check the client's uid, before reading a byte.
+
+        ``wire`` are the server's wire options, ``budget`` its bound on
+        descriptors waiting for their frame.
 
         Raises:
             AuthenticationError: a uid that is not allowed (the client was told why).
             OSError: the client is already gone.
         """
-        self.peer = peer = self.channel.peer
+        self.channel = channel = Channel(self.sock, wire=wire)
+        self.stage = HELLO
+        channel.share_descriptor_budget(budget)
+        # Until the client has proved it knows the password it may not make
+        # this process set aside (or decode) more than a handshake frame.
+        channel.cap_frame_size(HANDSHAKE_MAX_FRAME)
+        # Reads wait LINGER at most, in the kernel: on a blocking socket, the
+        # read of every request stays one system call.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _LINGER)
+        self.peer = peer = channel.peer
         try:
             check_uid(peer, allowed_uids, "client")
         except AuthenticationError as exc:
@@ -126,40 +144,46 @@ class ServerConnection:
             raise
         self._steps = ServerHandshake(key)
 
-    def advance(self) -> bool:
-        """Take the handshake as far as the frames that have arrived allow; never blocks.
+    def advance(self, hurry: object) -> bool:
+        """Take the handshake as far as the bytes that come allow (``hurry``: as for requests).
 
         Returns:
             True once the client has proved it knows the password (a request
             it sent right behind its proof stays buffered for :meth:`serve`);
-            False while the next step has not arrived whole.
+            False when the next step did not come in time (park it).
 
         Raises:
             AuthenticationError: another protocol version or a wrong proof
                 (the client was told why).
             ProtocolError, ConnectionClosed: a malformed step, or a client gone.
+            Timeout: the poller found the handshake's time up meanwhile.
         """
         channel = self.channel
         steps = self._steps
         assert steps is not None
         channel.reserve_buffer()
         try:
-            while (frame := channel.receive_waiting(False)) is not None:
-                if self.state == HELLO:
+            while (frame := channel.receive_waiting(hurry)) is not None:
+                if self.stage == HELLO:
                     hello = handshake_payload(*frame, from_server=False)
                     channel.send_frame(HANDSHAKE, steps.challenge(hello))
                     # The client may send its first request, descriptors and all,
                     # right behind its proof: those are taken, but only once the
                     # proof is whole.
                     channel.cap_frame_size(HANDSHAKE_MAX_FRAME, last_step=True)
-                    self.state = PROOF
+                    self.stage = PROOF
                 else:
                     steps.verify(client_proof(*frame))
                     channel.cap_frame_size(None)
                     self._steps = None
+                    self.stage = AUTHENTICATED
                     return True
         except AuthenticationError as exc:
             self._refuse(exc)
+            raise
+        except ConnectionClosed:
+            if self.expired:
+                raise Timeout("the handshake took longer than its time bound") from None
             raise
         channel.release_buffer()
         return False
@@ -169,19 +193,11 @@ class ServerConnection:
             self.channel.send_frame(*refusal(exc))
 
     def authenticated(self, idle_timeout: float | None) -> None:
-        """Set the socket up for pool threads: reads wait :data:`LINGER` for a next request.
-
-        The receive timeout lives in the kernel (``SO_RCVTIMEO``), so that the
-        read of every request stays one system call on a blocking socket.
-        ``idle_timeout`` bounds a send to a client that does not read.
-        """
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _LINGER)
+        """Bound a send to a client that does not read by ``idle_timeout``, as a read is."""
         if idle_timeout is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(idle_timeout))
 
-    def serve(
-        self, dispatcher: Dispatcher, nobody_waits: Callable[[], bool], idle_timeout: float | None
-    ) -> bool:
+    def serve(self, dispatcher: Dispatcher, hurry: object, idle_timeout: float | None) -> bool:
         """Serve the client's requests while they keep coming, in a pool thread.
 
         Returns:
@@ -191,7 +207,7 @@ class ServerConnection:
         channel = self.channel
         channel.reserve_buffer()
         while True:
-            outcome = dispatcher.serve(channel, self.peer, nobody_waits)  # type: ignore[arg-type]
+            outcome = dispatcher.serve(channel, self.peer, hurry)  # type: ignore[arg-type]
             if outcome is True:
                 channel.release_buffer()
                 return True
@@ -217,4 +233,7 @@ class ServerConnection:
     def close(self) -> None:
         """Close the socket and every descriptor received on it that nobody claimed."""
         self.state = CLOSED
-        self.channel.close()
+        if self.stage == NEW:
+            self.sock.close()
+        else:
+            self.channel.close()

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ._channel import Channel, Peer
@@ -237,20 +237,21 @@ class Dispatcher:
         """
         self.opened()
         try:
-            while (outcome := self.serve(channel, peer, _always)) is not False:
+            while (outcome := self.serve(channel, peer, ())) is not False:
                 if outcome is not True and not outcome.run(channel):
                     return
         finally:
             self.closed()
 
-    def serve(self, channel: Channel, peer: Peer, linger: Callable[[], bool]) -> bool | RawCall:
+    def serve(self, channel: Channel, peer: Peer, hurry: object) -> bool | RawCall:
         """Serve the requests that come on ``channel`` without a pause, in order; then say what next.
 
         Each read waits for the next request as the socket does (the
-        server's loop sets a short receive timeout on it) while ``linger()``
-        says so, and takes only what has arrived otherwise (others wait for
-        a thread). Reusing the thread while requests keep coming spares a
-        busy client's round trip any hand-off.
+        server's loop sets a short receive timeout on it), unless ``hurry``
+        is true (the loop's queue of connections that wait for a thread):
+        then it takes only what has arrived.
+        Keeping the thread while requests keep coming spares a busy client's
+        round trip any hand-off.
 
         Returns:
             True when no whole request came: park the connection. False when
@@ -266,7 +267,7 @@ class Dispatcher:
         try:
             while True:
                 try:
-                    frame = receive(linger())
+                    frame = receive(hurry)
                 except Timeout:
                     logger.debug("closing a connection idle for %s s", channel.timeout)
                     return False
@@ -293,6 +294,3 @@ class Dispatcher:
         except ConnectionClosed:
             return False
 
-
-def _always() -> bool:
-    return True

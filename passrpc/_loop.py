@@ -43,9 +43,15 @@ from typing import Any
 import attrs
 
 from ._channel import DescriptorBudget
-from ._connection import CLOSED, HELLO, PARKED, PROOF, QUEUED, SERVING, ServerConnection
+from ._connection import AUTHENTICATED, CLOSED, NEW, PARKED, QUEUED, SERVING, ServerConnection
 from ._dispatch import Dispatcher
-from ._errors import AuthenticationError, ConnectionClosed, ProtocolError, Timeout
+from ._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionClosed,
+    ProtocolError,
+    Timeout,
+)
 from ._pool import WorkerPool
 from ._process import READY, STOP, serving_sockets
 from ._protocol import busy
@@ -79,7 +85,6 @@ DEFAULT_THREADS = 64
 _BUSY_LOG_EVERY = 10.0
 
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT  # one event, then quiet until armed again
-_IN_POLLER = (HELLO, PROOF, PARKED)  # the states the poller owns (and times)
 
 
 def waiting_descriptor_limit() -> int:
@@ -105,6 +110,11 @@ def connection_limit(requested: int | None) -> int:
     return max(1, min(DEFAULT_MAX_CONNECTIONS, soft // 2))
 
 
+def _at_least_one(settings: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (type(value) is not int or value < 1):
+        raise ConfigurationError(f"{attribute.name} must be an int of at least 1, got {value!r}")
+
+
 @attrs.frozen
 class Settings:
     """A server's settings for serving clients: how they authenticate, its bounds in time and number."""
@@ -116,8 +126,8 @@ class Settings:
     client_idle_timeout: float | None
     shutdown_timeout: float
     backlog: int
-    max_connections: int | None = None
-    threads: int = DEFAULT_THREADS
+    max_connections: int | None = attrs.field(default=None, validator=_at_least_one)
+    threads: int = attrs.field(default=DEFAULT_THREADS, validator=_at_least_one)
 
 
 @attrs.frozen
@@ -363,17 +373,13 @@ class ServeLoop:
                 self._refuse_busy(sock)
                 continue
             serving_sockets.add(sock)  # before any thread can fork: its children must drop it
-            conn = ServerConnection(sock, settings.wire, self.descriptor_budget)
+            conn = ServerConnection(sock)
             self.connections[conn.fd] = conn
-            try:
-                conn.greet(settings.key, settings.allowed_uids)
-            except (AuthenticationError, OSError) as exc:
-                self._refused(conn, exc)
-                continue
             if settings.handshake_timeout is not None:
                 deadline = time.monotonic() + settings.handshake_timeout
                 self.handshakes.append((deadline, weakref.ref(conn)))
-            self.epoll.register(conn.fd, _ARMED)
+            if not self._submit(conn):
+                return False
         return True
 
     def _refuse_busy(self, sock: socket.socket) -> None:
@@ -393,36 +399,22 @@ class ServeLoop:
             self._busy_logged = now
 
     def _readable(self, conn: ServerConnection) -> None:
-        """A connection the poller holds has bytes (or end of file) to read."""
-        state = conn.state
-        if state == PARKED:
+        """A parked connection has bytes (or end of file) to read: a pool thread's job."""
+        if conn.state == PARKED:
             conn.state = QUEUED
-            self._submit(conn)
-        elif state in (HELLO, PROOF):
-            self._handshake(conn)
-
-    def _handshake(self, conn: ServerConnection) -> None:
-        try:
-            done = conn.advance()
-        except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout) as exc:
-            self._refused(conn, exc)
-            return
-        if not done:
-            self.epoll.modify(conn.fd, _ARMED)
-            return
-        conn.authenticated(self.settings.client_idle_timeout)
-        conn.state = QUEUED
-        self.dispatcher.opened()
-        self._submit(conn)
+            if not self._submit(conn):
+                self._back_off()
 
     def _refused(self, conn: ServerConnection, exc: Exception) -> None:
         logger.warning("refused a connection from %s: %s", conn.who(), exc)
         self._close(conn)
 
-    def _submit(self, conn: ServerConnection) -> None:
-        if not self.pool.submit(conn):
-            self._close(conn)
-            self._back_off()
+    def _submit(self, conn: ServerConnection) -> bool:
+        """Queue ``conn`` for a pool thread; False (and ``conn`` closed) if no thread could start."""
+        if self.pool.submit(conn):
+            return True
+        self._close(conn)
+        return False
 
     def _expire(self, now: float) -> None:
         """Close the connections whose handshake or idle time is up.
@@ -437,8 +429,14 @@ class ServeLoop:
         handshakes = self.handshakes
         while handshakes and handshakes[0][0] <= now:
             conn = handshakes.popleft()[1]()
-            if conn is not None and conn.state in (HELLO, PROOF):
+            if conn is None or conn.stage == AUTHENTICATED or conn.state == CLOSED:
+                continue
+            if conn.state == PARKED:
                 self._refused(conn, Timeout("the handshake took longer than its time bound"))
+            else:  # a pool thread holds it (a client trickling its bytes): end its wait
+                conn.expired = True
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
         expired = []
         with self.lock:
             heap = self.idle
@@ -460,50 +458,77 @@ class ServeLoop:
     # Pool threads -----------------------------------------------------------
 
     def _serve(self, conn: ServerConnection) -> None:
-        """A pool thread's job: serve ``conn`` while its requests keep coming; park or close it."""
+        """A pool thread's job: take ``conn`` as far as its bytes allow; park or close it."""
         conn.state = SERVING
+        hurry = self.pool.backlog
         try:
-            park = conn.serve(
-                self.dispatcher, self.pool.nobody_waits, self.settings.client_idle_timeout
-            )
+            if conn.stage != AUTHENTICATED and not self._authenticate(conn, hurry):
+                return
+            if conn.serve(self.dispatcher, hurry, self.settings.client_idle_timeout):
+                self._park(conn)
+                return
         except Exception:
             logger.exception("a client connection failed")
-            park = False
-        if not (park and self._park(conn)):
-            self._close(conn)
+        self._close(conn)
 
-    def _park(self, conn: ServerConnection) -> bool:
-        """Hand ``conn`` back to the poller, idle; False if the server is stopping."""
+    def _authenticate(self, conn: ServerConnection, hurry: object) -> bool:
+        """Take ``conn``'s handshake as far as its bytes allow; False if it was parked or refused."""
+        settings = self.settings
+        try:
+            if conn.stage == NEW:
+                conn.greet(
+                    settings.key, settings.allowed_uids, settings.wire, self.descriptor_budget
+                )
+            if not conn.advance(hurry):
+                self._park(conn)
+                return False
+        except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout, OSError) as exc:
+            self._refused(conn, exc)
+            return False
+        conn.authenticated(settings.client_idle_timeout)
+        self.dispatcher.opened()
+        return True
+
+    def _park(self, conn: ServerConnection) -> None:
+        """Hand ``conn`` back to the poller, idle (or close it if the server is stopping)."""
         idle = self.settings.client_idle_timeout
         with self.lock:
             if self.stopping:
-                return False
-            if idle is not None:
-                conn.deadline = time.monotonic() + idle
-                if not conn.timed:
-                    conn.timed = True
-                    entry = (conn.deadline, next(self._order), weakref.ref(conn))
-                    heapq.heappush(self.idle, entry)
-            conn.state = PARKED  # before it is armed: the poller queues only parked ones
+                stopping = True
+            else:
+                stopping = False
+                if idle is not None and conn.stage == AUTHENTICATED:
+                    conn.deadline = time.monotonic() + idle
+                    if not conn.timed:
+                        conn.timed = True
+                        entry = (conn.deadline, next(self._order), weakref.ref(conn))
+                        heapq.heappush(self.idle, entry)
+                conn.state = PARKED  # before it is armed: the poller queues only parked ones
+        if stopping:
+            self._close(conn)
+            return
         try:
-            self.epoll.modify(conn.fd, _ARMED)
+            if conn.registered:
+                self.epoll.modify(conn.fd, _ARMED)
+            else:
+                conn.registered = True
+                self.epoll.register(conn.fd, _ARMED)
         except (OSError, ValueError):  # closed meanwhile, or the server's loop has ended
-            return False
-        return True
+            self._close(conn)
 
     def _close(self, conn: ServerConnection) -> None:
         """Close ``conn`` for good, from whichever thread holds it; idempotent."""
         with self.lock:
-            state = conn.state
-            if state == CLOSED:
+            if conn.state == CLOSED:
                 return
             conn.state = CLOSED
             self.connections.pop(conn.fd, None)  # before its number can be reused
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(conn.fd)
+        if conn.registered:
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(conn.fd)
         serving_sockets.discard(conn.sock)
         conn.close()
-        if state not in (HELLO, PROOF):
+        if conn.stage == AUTHENTICATED:
             self.dispatcher.closed()
 
     # Stopping ---------------------------------------------------------------
@@ -516,7 +541,7 @@ class ServeLoop:
             self.stopping = True
             connections = list(self.connections.values())
         for conn in connections:
-            if conn.state in _IN_POLLER:
+            if conn.state == PARKED:
                 self._close(conn)  # no thread holds it
             else:
                 # Ends a pool thread's wait for a next request; a running

@@ -85,12 +85,9 @@ class Server:
             server closes it; None for never.
         start_timeout: seconds :meth:`start` waits for the server to be ready.
         backlog: the listen backlog.
-        max_connections: connections the server holds at once, authenticated
-            or not; one more is told ``busy`` and closed (the client raises
-            :class:`ServerBusy`). None: 4,096, or half the descriptor limit
-            (``RLIMIT_NOFILE``) if that is lower.
-        threads: the most pool threads serving clients at once (64): idle
-            connections hold none; handlers that block hold theirs.
+        max_connections: connections held at once, authenticated or not (None:
+            4,096, or half of ``RLIMIT_NOFILE``); one more gets :class:`ServerBusy`.
+        threads: the most threads serving clients at once; idle clients hold none.
     """
 
     def __init__(
@@ -111,10 +108,6 @@ class Server:
         max_connections: int | None = None,
         threads: int = DEFAULT_THREADS,
     ) -> None:
-        if max_connections is not None and max_connections < 1:
-            raise ConfigurationError(f"max_connections must be at least 1, got {max_connections!r}")
-        if threads < 1:
-            raise ConfigurationError(f"threads must be at least 1, got {threads!r}")
         self._files = SocketFile.choose(socket_path, socket_mode)
         self._password = secrets.token_urlsafe(32) if password is None else password
         self.max_idle_time = max_idle_time
@@ -335,7 +328,7 @@ class Server:
                     pid, popen = self._fork(listener, theirs), None
                 else:
                     assert target is not None
-                    popen = spawn(target, listener, theirs, ours, self._spawn_config(identity))
+                    popen = spawn(target, listener, theirs, ours, spawn_config(self, identity))
                     pid = popen.pid
                 process = ServerProcess(pid, ours, os.getpid(), self._files, identity, popen)
                 theirs.close()
@@ -375,16 +368,6 @@ class Server:
                 "target='module:attribute'"
             )
         return target
-
-    def _spawn_config(self, identity: tuple[int, int]) -> dict[str, Any]:
-        """What a spawned server process cannot know by itself (see passrpc._spawn)."""
-        return {
-            "password": self._password,
-            "socket_path": self._files.path,
-            "own_dir": self._files.own_dir,
-            "identity": list(identity),
-            "log_level": logger.getEffectiveLevel(),
-        }
 
     def stop(self, timeout: float = 4.0) -> None:
         """Stop the server for every owner, and wait for it to end.
@@ -524,6 +507,17 @@ def reconfigure(
     if password is not None:
         server._password = password
         server._settings = attrs.evolve(server._settings, key=password_key(password))
+
+
+def spawn_config(server: Server, identity: tuple[int, int]) -> dict[str, Any]:
+    """What a spawned server process cannot know by itself (see passrpc._spawn)."""
+    return {
+        "password": server._password,
+        "socket_path": server._files.path,
+        "own_dir": server._files.own_dir,
+        "identity": list(identity),
+        "log_level": logger.getEffectiveLevel(),
+    }
 
 
 def run_server_process(
