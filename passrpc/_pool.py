@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import attrs
+
 logger = logging.getLogger("passrpc")
 
 #: Seconds a pool thread waits for a job before it ends: long enough that a
@@ -27,6 +29,15 @@ logger = logging.getLogger("passrpc")
 IDLE_THREAD_SECONDS = 30.0
 
 J = TypeVar("J")
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A pool's figures at one moment (see :meth:`WorkerPool.statistics`)."""
+
+    threads: int
+    idle: int
+    queued: int
 
 
 class _Idle(Generic[J]):
@@ -120,6 +131,11 @@ class WorkerPool(Generic[J]):
                     self._idle.remove(me)
                     return None
             return me.inbox.get()  # claimed just as the wait ended: the job is coming
+
+    def statistics(self) -> PoolStatistics:
+        """How many threads the pool has, how many of them wait for a job, and how many jobs wait."""
+        with self._lock:
+            return PoolStatistics(len(self._threads), len(self._idle), len(self.backlog))
 
     def owns(self, thread: threading.Thread) -> bool:
         """Whether ``thread`` is one of this pool's."""
