@@ -23,9 +23,15 @@ CLOSED   gone                                       nobody
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import math
 import socket
 import struct
+import threading
+import time
+import weakref
+from collections import deque
 from collections.abc import Collection
 
 from ._auth import check_uid
@@ -233,7 +239,96 @@ class ServerConnection:
     def close(self) -> None:
         """Close the socket and every descriptor received on it that nobody claimed."""
         self.state = CLOSED
-        if self.stage == NEW:
+        channel: Channel | None = getattr(self, "channel", None)  # made by greet()
+        if channel is None:
             self.sock.close()
         else:
-            self.channel.close()
+            channel.close()
+
+
+class Deadlines:
+    """When connections run out of time: handshakes too slow, parked connections idle too long.
+
+    The poller asks :meth:`wait` how long it may sleep and :meth:`due` what
+    is up; pool threads :meth:`park` connections. Entries hold weak
+    references, so a closed connection is not kept alive by its deadline.
+
+    Handshake deadlines come in the order of accepts (one bound for all): a
+    queue. Idle deadlines are a heap with at most one entry per connection,
+    under the deadline it had when it was put there: deadlines only move
+    later (each is a parking time plus the same bound), so an entry that
+    comes due early goes back under its connection's new deadline, and one
+    whose connection a pool thread holds leaves the heap (parking puts it
+    back). That keeps the heap as large as the parked connections, however
+    often they park.
+
+    Args:
+        handshake_timeout: the server's bound for a whole handshake (None: none).
+        idle_timeout: its ``client_idle_timeout`` (None: none).
+    """
+
+    def __init__(self, handshake_timeout: float | None, idle_timeout: float | None) -> None:
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self._handshakes: deque[tuple[float, weakref.ref[ServerConnection]]] = deque()
+        self._idle: list[tuple[float, int, weakref.ref[ServerConnection]]] = []
+        self._order = itertools.count()
+        self._lock = threading.Lock()  # pool threads park while the poller pops
+
+    def accepted(self, conn: ServerConnection) -> None:
+        """Start the clock of ``conn``'s handshake (the poller, at accept)."""
+        if self.handshake_timeout is not None:
+            deadline = time.monotonic() + self.handshake_timeout
+            self._handshakes.append((deadline, weakref.ref(conn)))
+
+    def park(self, conn: ServerConnection) -> None:
+        """Mark ``conn`` parked, idle from now (a pool thread, before the poller watches it)."""
+        with self._lock:
+            if self.idle_timeout is not None and conn.stage == AUTHENTICATED:
+                conn.deadline = time.monotonic() + self.idle_timeout
+                if not conn.timed:
+                    conn.timed = True
+                    entry = (conn.deadline, next(self._order), weakref.ref(conn))
+                    heapq.heappush(self._idle, entry)
+            conn.state = PARKED  # before it is armed: the poller queues only parked ones
+
+    def wait(self) -> float:
+        """Seconds until something may come due (math.inf: nothing can)."""
+        soonest = math.inf
+        if self._handshakes:
+            soonest = self._handshakes[0][0]
+        if self._idle:
+            soonest = min(soonest, self._idle[0][0])
+        if self.idle_timeout is not None:
+            # A pool thread may park a connection at any moment: its deadline
+            # is at least this far away, so waking by then is never late.
+            soonest = min(soonest, time.monotonic() + self.idle_timeout)
+        return soonest - time.monotonic()
+
+    def due(self, now: float) -> tuple[list[ServerConnection], list[ServerConnection]]:
+        """The connections whose time is up: ``(slow handshakes, idle parked ones)``.
+
+        Slow handshakes may be held by a pool thread (a client trickling its
+        bytes in); the idle ones are all parked.
+        """
+        slow = []
+        handshakes = self._handshakes
+        while handshakes and handshakes[0][0] <= now:
+            conn = handshakes.popleft()[1]()
+            if conn is not None and conn.stage != AUTHENTICATED and conn.state != CLOSED:
+                slow.append(conn)
+        idle = []
+        with self._lock:
+            heap = self._idle
+            while heap and heap[0][0] <= now:
+                _, _, ref = heapq.heappop(heap)
+                conn = ref()
+                if conn is None:
+                    continue
+                if conn.state == PARKED and conn.deadline > now:
+                    heapq.heappush(heap, (conn.deadline, next(self._order), ref))
+                    continue
+                conn.timed = False
+                if conn.state == PARKED:
+                    idle.append(conn)
+        return slow, idle

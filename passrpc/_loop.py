@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -34,8 +32,6 @@ import signal
 import socket
 import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -43,7 +39,16 @@ from typing import Any
 import attrs
 
 from ._channel import DescriptorBudget
-from ._connection import AUTHENTICATED, CLOSED, NEW, PARKED, QUEUED, SERVING, ServerConnection
+from ._connection import (
+    AUTHENTICATED,
+    CLOSED,
+    NEW,
+    PARKED,
+    QUEUED,
+    SERVING,
+    Deadlines,
+    ServerConnection,
+)
 from ._dispatch import Dispatcher
 from ._errors import (
     AuthenticationError,
@@ -193,13 +198,8 @@ class ServeLoop:
         )
         #: Every open connection by descriptor number, whatever its state.
         self.connections: dict[int, ServerConnection] = {}
-        # Guards parking against stopping, closing against closing, and the idle heap.
-        self.lock = threading.Lock()
-        # When handshakes must be done: the poller's alone, in order (one bound for all).
-        self.handshakes: deque[tuple[float, weakref.ref[ServerConnection]]] = deque()
-        # When parked connections are closed for idling: a heap (see _expire).
-        self.idle: list[tuple[float, int, weakref.ref[ServerConnection]]] = []
-        self._order = itertools.count()
+        self.lock = threading.Lock()  # guards parking against stopping, closing against closing
+        self.deadlines = Deadlines(settings.handshake_timeout, settings.client_idle_timeout)
         self.epoll = select.epoll()
         self.stopping = False
         self.resume_accepting: float | None = None
@@ -310,28 +310,14 @@ class ServeLoop:
             if self.resume_accepting is not None and now >= self.resume_accepting:
                 epoll.register(listener_fd, select.EPOLLIN)
                 self.resume_accepting = None
-            if (self.handshakes and self.handshakes[0][0] <= now) or (
-                self.idle and self.idle[0][0] <= now
-            ):
-                self._expire(now)
+            self._expire(now)
 
     def _wait(self) -> float:
         """Seconds until the poller has something to do by itself (-1: nothing)."""
-        soonest = math.inf
+        wait = self.deadlines.wait()
         if self.resume_accepting is not None:
-            soonest = self.resume_accepting
-        if self.handshakes:
-            soonest = min(soonest, self.handshakes[0][0])
-        if self.idle:
-            soonest = min(soonest, self.idle[0][0])
-        idle = self.settings.client_idle_timeout
-        if idle is not None:
-            # A pool thread may park a connection at any moment: its deadline
-            # is at least this far away, so waking by then is never late.
-            soonest = min(soonest, time.monotonic() + idle)
-        if soonest == math.inf:
-            return -1
-        return max(0.0, soonest - time.monotonic())
+            wait = min(wait, self.resume_accepting - time.monotonic())
+        return -1 if wait == math.inf else max(0.0, wait)
 
     def _back_off(self) -> None:
         """Stop accepting for :data:`ACCEPT_BACKOFF` seconds (out of descriptors, memory or threads)."""
@@ -357,7 +343,6 @@ class ServeLoop:
 
     def _accept(self) -> bool:
         """Accept waiting clients; False when out of resources (back off)."""
-        settings = self.settings
         for _ in range(64):
             try:
                 sock, _ = self.listener.accept()
@@ -375,9 +360,7 @@ class ServeLoop:
             serving_sockets.add(sock)  # before any thread can fork: its children must drop it
             conn = ServerConnection(sock)
             self.connections[conn.fd] = conn
-            if settings.handshake_timeout is not None:
-                deadline = time.monotonic() + settings.handshake_timeout
-                self.handshakes.append((deadline, weakref.ref(conn)))
+            self.deadlines.accepted(conn)
             if not self._submit(conn):
                 return False
         return True
@@ -417,41 +400,16 @@ class ServeLoop:
         return False
 
     def _expire(self, now: float) -> None:
-        """Close the connections whose handshake or idle time is up.
-
-        A connection is in the idle heap at most once, under the deadline it
-        had when it was put there. Deadlines only move later (each is the
-        time of parking plus the same bound), so an entry that comes due
-        early goes back under its connection's new deadline; one whose
-        connection a pool thread holds leaves the heap (parking puts it back).
-        Entries hold weak references: a closed connection is not kept alive.
-        """
-        handshakes = self.handshakes
-        while handshakes and handshakes[0][0] <= now:
-            conn = handshakes.popleft()[1]()
-            if conn is None or conn.stage == AUTHENTICATED or conn.state == CLOSED:
-                continue
+        """Close the connections whose handshake or idle time is up."""
+        slow, idle = self.deadlines.due(now)
+        for conn in slow:
             if conn.state == PARKED:
                 self._refused(conn, Timeout("the handshake took longer than its time bound"))
             else:  # a pool thread holds it (a client trickling its bytes): end its wait
                 conn.expired = True
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)
-        expired = []
-        with self.lock:
-            heap = self.idle
-            while heap and heap[0][0] <= now:
-                _, _, ref = heapq.heappop(heap)
-                conn = ref()
-                if conn is None:
-                    continue
-                if conn.state == PARKED and conn.deadline > now:
-                    heapq.heappush(heap, (conn.deadline, next(self._order), ref))
-                    continue
-                conn.timed = False
-                if conn.state == PARKED:
-                    expired.append(conn)
-        for conn in expired:
+        for conn in idle:
             logger.debug("closing a connection idle for %s s", self.settings.client_idle_timeout)
             self._close(conn)
 
@@ -491,19 +449,10 @@ class ServeLoop:
 
     def _park(self, conn: ServerConnection) -> None:
         """Hand ``conn`` back to the poller, idle (or close it if the server is stopping)."""
-        idle = self.settings.client_idle_timeout
         with self.lock:
-            if self.stopping:
-                stopping = True
-            else:
-                stopping = False
-                if idle is not None and conn.stage == AUTHENTICATED:
-                    conn.deadline = time.monotonic() + idle
-                    if not conn.timed:
-                        conn.timed = True
-                        entry = (conn.deadline, next(self._order), weakref.ref(conn))
-                        heapq.heappush(self.idle, entry)
-                conn.state = PARKED  # before it is armed: the poller queues only parked ones
+            stopping = self.stopping
+            if not stopping:
+                self.deadlines.park(conn)
         if stopping:
             self._close(conn)
             return
