@@ -163,6 +163,7 @@ class ForkServerLink:
     def __init__(self, app: ForkApp) -> None:
         self.app = app
         self.pid: int | None = None  # the fork server's, once started
+        self._unreaped: int | None = None  # its pid until one thread takes it to reap it
         self._sockets: tuple[socket.socket, ...] = ()
         self._server_pid = -1  # the process that started it: the only one that may use it
         self._writer: Channel | None = None
@@ -181,7 +182,7 @@ class ForkServerLink:
     def start(self) -> None:
         """Fork the fork server; call it while this process runs no other thread."""
         pid, sock = start_fork_server(self.app)
-        self.pid = pid
+        self.pid = self._unreaped = pid
         self._server_pid = os.getpid()
         reading = sock.dup()
         # Processes a handler forks itself must not keep the fork server's
@@ -346,8 +347,10 @@ class ForkServerLink:
         for ending in exits:
             ending.lost = True
             ending.ended.set()
-        if not expected and self._failure is None:
-            logger.error("%s", self._gone)
+        if not expected:
+            if self._failure is None:
+                logger.error("%s", self._gone)
+            self._reap()  # it is exiting, or has: no zombie until the server ends
 
     # Closing ----------------------------------------------------------------
 
@@ -367,9 +370,11 @@ class ForkServerLink:
         self._reap()
 
     def _reap(self) -> None:
-        """Wait for the fork server to exit (SIGKILL it after a while) and reap it."""
-        pid = self.pid
-        assert pid is not None
+        """Wait for the fork server to exit (SIGKILL it after a while) and reap it, once."""
+        with self._lock:
+            pid, self._unreaped = self._unreaped, None
+        if pid is None:  # reaped already (the reader saw it die), or never started
+            return
         deadline = time.monotonic() + _CLOSE_WAIT
         while True:
             try:
