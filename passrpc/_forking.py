@@ -11,6 +11,7 @@ this mixin so that the ``Server`` facade stays one screenful of lifecycle;
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, overload
 
@@ -19,6 +20,8 @@ from ._forkserver import ForkApp
 from ._registry import F, Registry
 from ._wire import WireOptions
 from ._workers import ForkServerLink, Worker, serve_channel
+
+logger = logging.getLogger("passrpc")
 
 #: Seconds fork_worker waits by default: the preload may still run when a handler asks.
 DEFAULT_FORK_TIMEOUT = 30.0
@@ -144,6 +147,12 @@ class WorkerMethods:
         """A link to a fork server for one run of the loop; None when no worker is registered."""
         workers = self._registry.workers
         if not workers:
+            if self._registry.hooks["preload"] or type(self).preload is not WorkerMethods.preload:
+                logger.warning(
+                    "%r has a preload but no worker, so no fork server: the preload never "
+                    "runs; register a worker with @server.worker or add_worker()",
+                    self,
+                )
             self._forks = None
             return None
         app = ForkApp(self.preload, {n: w.fn for n, w in workers.items()}, wire, keep_fds)

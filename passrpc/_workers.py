@@ -202,15 +202,14 @@ class ForkServerLink:
                 "fork_worker() works in the server process (in a handler or a hook), where "
                 "the fork server runs; from elsewhere, call a handler that forks the worker"
             )
-        self._start_reader()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        request = _Request()
         try:
             with self._lock:
                 if self._gone is not None:
                     raise WorkerError(self._gone)
                 number = next(self._numbers)
-                self._pending[number] = request
+                request = self._pending[number] = _Request()
+            self._start_reader()
             try:
                 with self._send_lock:
                     writer.write(FORK, number, name, theirs, list(args))
@@ -299,7 +298,11 @@ class ForkServerLink:
                 if request is not None:
                     request.pid, request.exit = pid, self._exits.setdefault(pid, _Exit())
             if request is None:  # its requester gave up waiting: nobody holds its channel
-                self.kill(pid, signal.SIGKILL)
+                # From another thread: this one must never block on a send, or
+                # it and the fork server could each wait for the other to read.
+                threading.Thread(
+                    target=self.kill, args=(pid, signal.SIGKILL), name="passrpc-kill", daemon=True
+                ).start()
             else:
                 request.answered.set()
         elif what == REFUSED:
