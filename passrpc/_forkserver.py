@@ -126,13 +126,25 @@ def _preload(ctrl: socket.socket, app: ForkApp) -> bool:
         _report(ctrl, FAILED, traceback.format_exc())
         return False
     _report(ctrl, READY, time.monotonic() - started)
-    if threading.active_count() > 1:
+    threads = _thread_count()
+    if threads > 1:
+        names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
         logger.warning(
-            "the preload started threads (%s): every worker forked now may inherit a lock "
-            "one of them holds; start threads in the worker instead",
-            ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread()),
+            "the preload left %d thread(s) running (%s): every worker forked now may inherit "
+            "a lock one of them holds; start threads in the worker instead",
+            threads - 1,
+            ", ".join(names) or "threads of a native library",
         )
     return True
+
+
+def _thread_count() -> int:
+    """The threads this process runs, native ones included, as the kernel counts them."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[17])  # num_threads, field 20
+    except (OSError, IndexError, ValueError):
+        return threading.active_count()
 
 
 def _report(ctrl: socket.socket, *values: Any) -> None:
