@@ -178,6 +178,14 @@ def make_forking_server(sockdir: Path, record: Path, **options: Any) -> Server:
         workers[pid].kill()
 
     @server.handler()
+    def descriptors_after(n: int) -> int:
+        """Fork ``n`` workers one after the other; return how many more descriptors are open."""
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(n):
+            run("echo")
+        return len(os.listdir("/proc/self/fd")) - before
+
+    @server.handler()
     def hold_locks(started: passrpc.FileDescriptor, release: passrpc.FileDescriptor) -> None:
         """Hold LOCK and the log handler's lock until the test lets go."""
         with LOCK:
@@ -220,6 +228,7 @@ def hand_over(proxy: passrpc.Proxy, name: str, *args: Any) -> tuple[passrpc.Chan
     return worker, pid
 
 
+@pytest.mark.usefixtures("no_fd_leak")
 class TestWorkers:
     def test_worker_gets_arguments_and_descriptors(self, forking: Server) -> None:
         """A worker runs its function with the arguments and descriptors sent, forked by the fork server."""
@@ -232,6 +241,14 @@ class TestWorkers:
                 _, reply, status = proxy.run("write_to", writing, "through a descriptor")
             assert (reply, status) == (["written"], 0)
             assert reading.read() == "through a descriptor"
+
+    def test_no_descriptor_left_in_the_server_or_fork_server(self, forking: Server) -> None:
+        """Forking and reaping workers leaves no descriptor open in the server or the fork server."""
+        with forking.proxy() as proxy:
+            _, (_, parent), _ = proxy.run("echo")  # the first request starts the reader thread
+            before = len(os.listdir(f"/proc/{parent}/fd"))
+            assert proxy.descriptors_after(20) == 0
+            assert len(os.listdir(f"/proc/{parent}/fd")) == before
 
     def test_worker_can_be_handed_to_a_client(self, forking: Server) -> None:
         """The client talks straight to the worker on the socket a handler sent it."""
@@ -349,6 +366,7 @@ class TestSafety:
             assert dispositions[name] == str(signal.SIG_DFL), name
 
 
+@pytest.mark.usefixtures("no_fd_leak")
 class TestEndings:
     @pytest.mark.parametrize(
         ("name", "args", "expected"),
@@ -399,6 +417,7 @@ class TestEndings:
         assert gone_for_good(parent)
         assert gone_for_good(pid)
         assert not os.path.exists(forking.socket_path)
+        forking.close()  # a lifecycle call reaps the server let go of before (and its pidfd)
 
     def test_server_killed_takes_fork_server_and_workers(self, forking: Server) -> None:
         """A server killed with SIGKILL takes its fork server and its workers with it."""
