@@ -90,7 +90,11 @@ class Preloader(passrpc.Server):
     def wait_worker(self, pid: int, timeout: float = 10.0) -> int:
         """Wait for worker ``pid`` to end; return its exit status, as the fork server reported it."""
         with self._workers_lock:
-            worker = self._workers.pop(pid)
+            worker = self._workers.pop(pid, None)
+        if worker is None:
+            raise LookupError(
+                f"no worker {pid} from spawn_worker to wait for (or waited for already)"
+            )
         return worker.wait(timeout)
 
 
