@@ -9,9 +9,8 @@ exception its fork warning raises, so the record is the test.
 
 from __future__ import annotations
 
-import io
-import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -28,13 +27,12 @@ from passrpc import ConfigurationError, RemoteError, Server, Worker, WorkerError
 
 from .helpers import REPO, WAIT, Gate, cli_env, pid_gone, wait_for
 
-#: Held by busy handler threads while a worker is forked; a worker takes it too.
+#: Held by a busy handler thread while a worker is forked; the worker takes it too.
 LOCK = threading.Lock()
-#: A logging handler whose own lock the busy threads hold as well.
-LOG_HANDLER = logging.StreamHandler(io.StringIO())
-LOG = logging.getLogger("tests.forkserver")
-LOG.addHandler(LOG_HANDLER)
-LOG.propagate = False
+#: A library's lock (a queue's mutex), held by the busy thread as well: unlike
+#: logging's locks, which logging re-creates in a forked child, nobody
+#: re-creates this one.
+QUEUE: queue.Queue[str] = queue.Queue()
 
 #: Python's fork warning, as it reads on 3.12 and later.
 FORK_WARNING = "is multi-threaded, use of fork() may lead to deadlocks"
@@ -100,9 +98,9 @@ def fail(channel: passrpc.Channel) -> None:
 
 
 def take_locks(channel: passrpc.Channel) -> None:
-    """Take the lock and log through the handler that busy server threads hold; say so."""
+    """Take the lock and use the queue whose mutex a busy server thread holds; say so."""
     with LOCK:
-        LOG.warning("a worker logs")
+        QUEUE.put("a worker was here")
     channel.write("ran")
 
 
@@ -187,13 +185,9 @@ def make_forking_server(sockdir: Path, record: Path, **options: Any) -> Server:
 
     @server.handler()
     def hold_locks(started: passrpc.FileDescriptor, release: passrpc.FileDescriptor) -> None:
-        """Hold LOCK and the log handler's lock until the test lets go."""
-        with LOCK:
-            LOG_HANDLER.acquire()
-            try:
-                Gate.hold(started, release)
-            finally:
-                LOG_HANDLER.release()
+        """Hold LOCK and the queue's mutex until the test lets go."""
+        with LOCK, QUEUE.mutex:
+            Gate.hold(started, release)
 
     return server
 
@@ -307,7 +301,7 @@ class TestWorkers:
 
 class TestSafety:
     def test_worker_runs_while_handler_threads_hold_locks(self, forking: Server) -> None:
-        """A worker forked while a busy handler holds a lock and a log handler's lock takes both."""
+        """A worker forked while a busy handler holds a lock and a queue's mutex takes both."""
         gate = Gate()
         with forking.proxy() as proxy, forking.proxy() as other:
             holder = threading.Thread(target=proxy.hold_locks, args=gate.args())
