@@ -52,7 +52,6 @@ class WorkerMethods:
                 the server already started.
         """
         if isinstance(target, WorkerMethods):  # a Server: the mixin is its base
-            target._registry.check_open(f"add_worker({name!r}, <a Server>)")
             fn: Callable[..., Any] = functools.partial(
                 serve_channel, target._registry, target.initialize_server, target.finalize_server
             )

@@ -25,7 +25,7 @@ import pytest
 import passrpc
 from passrpc import ConfigurationError, RemoteError, Server, Worker, WorkerError
 
-from .helpers import REPO, WAIT, Gate, cli_env, pid_gone, wait_for
+from .helpers import REPO, WAIT, Gate, cli_env, pid_gone, server_log, wait_for
 
 #: Held by a busy handler thread while a worker is forked; the worker takes it too.
 LOCK = threading.Lock()
@@ -516,6 +516,33 @@ class TestMisuse:
             forking.add_worker("late", echo)
         with pytest.raises(ConfigurationError, match="already registered"):
             make_forking_server(Path("/tmp"), Path("/dev/null")).add_worker("echo", echo)
+
+    def test_registration_forms(self) -> None:
+        """@server.worker bare or named registers a function; anything else is refused."""
+        server = Server()
+
+        @server.worker
+        def bare(channel: passrpc.Channel) -> None: ...
+
+        @server.worker("named")
+        def other(channel: passrpc.Channel) -> None: ...
+
+        for registered in (bare, "bare", other, "named"):
+            with pytest.raises(WorkerError, match="in the server process"):
+                server.fork_worker(registered)  # found: only the process is wrong
+        with pytest.raises(ConfigurationError, match="a worker is a function"):
+            server.add_worker("number", 42)  # type: ignore[arg-type]
+
+    def test_preload_without_worker_is_logged(self, sockdir: Path, tmp_path: Path) -> None:
+        """A preload registered on a server with no worker never runs, and the log says so."""
+        server = Server(str(sockdir / "plain.sock"))
+
+        @server.on_preload
+        def never() -> None: ...
+
+        with server_log(tmp_path / "server.log") as log, server:
+            pass
+        assert "has a preload but no worker" in log.read_text()
 
     def test_server_without_workers_has_no_fork_server(self, sockdir: Path) -> None:
         """A server with no worker registered forks no fork server: its process has no child."""
