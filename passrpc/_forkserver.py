@@ -92,22 +92,30 @@ def start_fork_server(app: ForkApp) -> tuple[int, socket.socket]:
     its first): that is the point of a fork server.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = os.getpid()
     _flush_stdio()  # else the child would write the buffered output again
     pid = os.fork()
     if pid == 0:
         ours.close()
-        fork_server_main(theirs, app)
+        fork_server_main(theirs, app, server)
     theirs.close()
     return pid, ours
 
 
-def fork_server_main(ctrl: socket.socket, app: ForkApp) -> NoReturn:
-    """Be the fork server until the server is gone; never returns."""
+def fork_server_main(ctrl: socket.socket, app: ForkApp, server: int) -> NoReturn:
+    """Be the fork server of process ``server`` until that is gone; never returns."""
     code = 1
     try:
         child_hygiene({0, 1, 2, ctrl.fileno(), *app.keep_fds, *logging_fds()})
-        if _preload(ctrl, app):
-            _ForkLoop(ctrl, app).run()
+        libc = _libc()
+        # The preload may run long, and reads no end of file meanwhile: should
+        # the server die then, the kernel ends this process. Afterwards the
+        # loop notices the end itself, and SIGKILLs and reaps its workers first.
+        _die_with_parent(libc, server)
+        preloaded = _preload(ctrl, app)
+        _die_with_parent(libc, server, 0)
+        if preloaded:
+            _ForkLoop(ctrl, app, libc).run()
             code = 0
     except BaseException:
         logger.exception("the fork server (pid %d) failed", os.getpid())
@@ -159,7 +167,7 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
 class _ForkLoop:
     """The fork server's loop: requests from the server in, workers out, their ends reported."""
 
-    def __init__(self, ctrl: socket.socket, app: ForkApp) -> None:
+    def __init__(self, ctrl: socket.socket, app: ForkApp, libc: Any) -> None:
         self.ctrl = ctrl
         self.app = app
         self.decoder = Decoder(app.wire)
@@ -171,7 +179,7 @@ class _ForkLoop:
         # the preload opened for it) but for this loop's own sockets.
         self.keep = _open_fds() - {ctrl.fileno()}
         self.pid = os.getpid()
-        self.libc = _libc()
+        self.libc = libc
         self.wake_r, self.wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -315,16 +323,17 @@ def _libc() -> Any:
         return None
 
 
-def _die_with_parent(libc: Any, parent: int) -> None:
-    """Have the kernel SIGKILL this worker if the fork server dies first.
+def _die_with_parent(libc: Any, parent: int, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send this process ``sig`` when ``parent`` dies (0: no longer).
 
-    The fork server SIGKILLs its workers when its server goes; this covers
-    a fork server that is itself killed (the OOM killer, a stray SIGKILL), so
-    no worker outlives it unowned.
+    For a worker: the fork server SIGKILLs its workers when its server goes;
+    this covers a fork server that is itself killed (the OOM killer, a stray
+    SIGKILL), so no worker outlives it unowned. For the fork server, during
+    its preload. Without ctypes or prctl(2), nothing happens.
     """
-    if libc is None or libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+    if libc is None or libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return
-    if os.getppid() != parent:  # it died before the request took hold
+    if sig and os.getppid() != parent:  # it died before the request took hold
         os._exit(1)
 
 

@@ -485,6 +485,29 @@ class TestPreload:
             os.close(r)
             os.close(w)
 
+    def test_server_killed_during_preload_takes_fork_server(
+        self, sockdir: Path, record: Path
+    ) -> None:
+        """A server killed while its fork server's preload hangs takes the fork server with it."""
+        r, w = os.pipe()
+        server = make_forking_server(sockdir, record, keep_fds=(r,))
+
+        @server.on_preload
+        def hang() -> None:
+            os.read(r, 1)  # never answered
+
+        try:
+            server.start()
+            assert server.pid is not None
+            wait_for(lambda: children_of(server.pid or 0), what="the fork server")
+            (fork_server,) = children_of(server.pid)
+            os.kill(server.pid, signal.SIGKILL)
+            wait_for(lambda: pid_gone(fork_server), what="the fork server gone")
+        finally:
+            server.stop()
+            os.close(r)
+            os.close(w)
+
     def test_failed_preload_reported_to_every_request(self, sockdir: Path, record: Path) -> None:
         """A preload that raises makes every fork_worker raise WorkerError with its traceback."""
         server = make_forking_server(sockdir, record)
