@@ -26,12 +26,14 @@ from ._errors import (
     TargetError,
     Timeout,
     UnknownMessage,
+    WorkerError,
 )
 from ._fd import FileDescriptor
 from ._protocol import HandlerStatistics, ServerStatus
-from ._registry import handler, on_signal
+from ._registry import handler, on_signal, worker
 from ._server import Server
 from ._wire import PROTOCOL_VERSION, Limits
+from ._workers import Worker
 
 __version__ = "0.1.0"
 
@@ -62,11 +64,14 @@ __all__ = [
     "TargetError",
     "Timeout",
     "UnknownMessage",
+    "Worker",
+    "WorkerError",
     "connect",
     "current_peer",
     "handler",
     "on_signal",
     "server_status",
+    "worker",
 ]
 
 

@@ -148,3 +148,16 @@ class TargetError(Error, ImportError):
     Check the spelling and that the module is importable from the current
     directory or ``sys.path``.
     """
+
+
+class WorkerError(Error, RuntimeError):
+    """A worker could not be forked, or how it ended cannot be known.
+
+    ``Server.fork_worker`` raises it when the server's fork server cannot
+    fork: its preload raised (the message carries the traceback), ``fork()``
+    failed, the fork server died, or the server is stopping; and when it is
+    called outside the server process. ``Worker.wait`` raises it when the
+    fork server ended before the worker did (the worker was killed with it,
+    its exit status is lost). You do not get it for a worker that failed on
+    its own: that is an exit status, which ``Worker.wait`` returns.
+    """

@@ -37,6 +37,7 @@ from ._process import READY, STOP, serving_sockets
 from ._registry import Registry
 from ._socketfile import SocketFile
 from ._wire import WireOptions
+from ._workers import ForkServerLink
 
 logger = logging.getLogger("passrpc")
 
@@ -87,7 +88,8 @@ class App:
     """What one run of the loop serves: the registry, the settings, the socket file, the hooks.
 
     ``initialize`` and ``finalize`` are the server's overridable hooks
-    (``Server.initialize_server``, ``Server.finalize_server``).
+    (``Server.initialize_server``, ``Server.finalize_server``); ``forks``
+    is the link to a fork server, for a server with workers.
     """
 
     registry: Registry
@@ -95,6 +97,7 @@ class App:
     files: SocketFile
     initialize: Callable[[], Any]
     finalize: Callable[[], Any]
+    forks: ForkServerLink | None = None
 
 
 #: Client threads kept waiting for a next client, and for how long.
@@ -208,6 +211,10 @@ class ServeLoop:
             own.add(self.ready)
         serving_sockets.update(own)
         try:
+            if app.forks is not None:
+                # First, while this process runs no thread and initialize_server
+                # has not started any: workers are forked from there.
+                app.forks.start()
             self._install_signals()
             try:
                 app.initialize()
@@ -227,6 +234,8 @@ class ServeLoop:
                 app.finalize()
         finally:
             self._restore_signals()
+            if app.forks is not None:  # after finalize_server, which may still use workers
+                app.forks.close()
             self.wake_r.close()
             self.wake_w.close()
             serving_sockets.difference_update(own)  # another loop in this process keeps its own

@@ -34,6 +34,7 @@ from ._auth import default_uids, open_channel
 from ._channel import Channel
 from ._client import Proxy, proxy_class, server_status
 from ._errors import ConfigurationError, ServerAlreadyStarted, ServerNotStarted
+from ._forking import WorkerMethods
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, password_key
 from ._loop import App, ServeLoop, Settings
 from ._process import (
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("passrpc")
 
 
-class Server:
+class Server(WorkerMethods):
     """A passrpc server: handlers on a password-protected Unix socket, a thread per client.
 
     Register handlers with :meth:`handler` (or :func:`passrpc.handler` on
@@ -65,7 +66,8 @@ class Server:
     ``method="spawn"`` for a fresh interpreter) or :meth:`serve` it in the
     foreground. The process that starts it owns it, and so does every process
     forked from that one afterwards; the server quits by itself once every
-    owner has let go, and :meth:`stop` stops it for everyone.
+    owner has let go, and :meth:`stop` stops it for everyone. Handlers that
+    need worker processes fork them with :meth:`fork_worker`.
 
     Args:
         socket_path: where to listen; None for a fresh private directory
@@ -465,13 +467,14 @@ class Server:
             self._loop = None
 
     def _app(self) -> App:
-        """What the loop serves: the registry, the settings, the socket file and the hooks."""
+        """What the loop serves: the registry, the settings, the socket file, the hooks, the forks."""
         return App(
             self._registry,
             self._settings,
             self._files,
             self.initialize_server,
             self.finalize_server,
+            self._fork_server(self._settings.wire, self._keep_fds),
         )
 
 

@@ -36,6 +36,8 @@ LAYERS = {
     "_socketfile": 3,
     "_process": 3,
     "_loop": 3,
+    "_forkserver": 3,
+    "_workers": 3,
     # 4: the clients (they know nothing of the server)
     "_clientcore": 4,
     "_client": 4,
@@ -44,6 +46,7 @@ LAYERS = {
     # 5: the Server facade (its proxy() is a client's), and the spawned process
     "_server": 5,
     "_spawn": 5,
+    "_forking": 5,
     # 6: collection; 7: the command line and the package
     "_collection": 6,
     "_entries": 6,
