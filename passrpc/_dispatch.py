@@ -45,9 +45,10 @@ logger = logging.getLogger("passrpc")
 
 _peer = threading.local()
 _now = time.perf_counter_ns
-#: What a handler may raise and still get an error reply: SystemExit too, so
-#: that a handler's sys.exit() cannot end its connection's thread.
-_FAILURES = (Exception, SystemExit)
+#: What a handler may raise and still get an error reply: anything, so that a
+#: handler's sys.exit() (or a stray KeyboardInterrupt) cannot end its
+#: connection's thread.
+_FAILURES = BaseException
 
 
 def current_peer() -> Peer:
@@ -117,8 +118,10 @@ def _report(name: str) -> Frame:
     exc_type, exc, tb = sys.exc_info()
     assert exc_type is not None
     assert exc is not None
-    logger.info("handler %r raised %s: %s", name, exc_type.__name__, exc)
-    return exception_reply(exc_type, exc, tb)
+    frame = exception_reply(exc_type, exc, tb)
+    # The reply's message, not str(exc): that may raise, and did once already.
+    logger.info("handler %r raised %s: %s", name, exc_type.__name__, frame[1]["message"])
+    return frame
 
 
 def _timed(entry: Served, start: int, outcome: str) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 
 from ._auth import server_handshake
-from ._channel import Channel, DescriptorBudget
+from ._channel import Channel, DescriptorBudget, Peer
 from ._dispatch import Dispatcher
 from ._errors import AuthenticationError, ConnectionClosed, ProtocolError, Timeout
 from ._process import READY, STOP, serving_sockets
@@ -47,13 +47,12 @@ ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, err
 ACCEPT_BACKOFF = 0.1
 
 
-def _who(channel: Channel) -> str:
-    """The peer of ``channel`` for a log line: its pid and uid, as the kernel tells them."""
+def _peer_of(channel: Channel) -> Peer | None:
+    """The peer of ``channel`` as the kernel tells it; None if it is already gone."""
     try:
-        peer = channel.peer
+        return channel.peer
     except OSError:
-        return "a peer that is gone"
-    return f"pid {peer.pid} uid {peer.uid}"
+        return None
 
 
 #: Descriptors that may wait for the rest of their frame, over all of a
@@ -354,12 +353,22 @@ class ServeLoop:
         channel = Channel(sock, wire=settings.wire)
         channel.share_descriptor_budget(self.descriptor_budget)
         try:
+            peer = _peer_of(channel)  # now: a refused channel is closed before it is logged
+            if peer is None:
+                logger.debug("a client hung up before it could be served")
+                return
             try:
-                peer = server_handshake(
-                    channel, settings.key, settings.allowed_uids, settings.handshake_timeout
+                server_handshake(
+                    channel,
+                    settings.key,
+                    settings.allowed_uids,
+                    settings.handshake_timeout,
+                    peer,
                 )
             except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout) as exc:
-                logger.warning("refused a connection from %s: %s", _who(channel), exc)
+                logger.warning(
+                    "refused a connection from pid %d uid %d: %s", peer.pid, peer.uid, exc
+                )
                 return
             channel.timeout = settings.client_idle_timeout
             self.dispatcher.converse(channel, peer)

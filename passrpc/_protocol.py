@@ -60,8 +60,8 @@ MAX_TRACEBACK_TEXT = 65536
 def _bounded(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
-    cut = f" [... {len(text) - limit + 40} characters cut]"
-    return text[: limit - len(cut)] + cut
+    keep = limit - len(f" [... {len(text)} characters cut]")  # the marker, at its longest
+    return f"{text[:keep]} [... {len(text) - keep} characters cut]"
 
 
 def error_payload(code: str, remote_type: str, message: str, traceback: str = "") -> dict[str, str]:

@@ -18,6 +18,7 @@ from passrpc._protocol import (
     ERROR_UNKNOWN_KIND,
     ERROR_UNKNOWN_MESSAGE,
     HANDSHAKE,
+    MAX_ERROR_TEXT,
     MESSAGE,
     STATUS,
     BadRequest,
@@ -218,3 +219,17 @@ class TestIntrospection:
             parse_described(ERROR, error_payload(ERROR_UNKNOWN_MESSAGE, "U", "no"))
         with pytest.raises(ProtocolError, match="kind 0"):
             parse_described(MESSAGE, [])
+
+
+class TestErrorTexts:
+    @pytest.mark.parametrize("size", [4096, 4097, 10_000, 1_000_000])
+    def test_long_texts_are_cut_to_the_bound_saying_exactly_how_much(self, size: int) -> None:
+        """An ERROR payload's message stays within MAX_ERROR_TEXT; the marker counts what was cut."""
+        payload = error_payload("remote", "T", "m" * size)
+        message = payload["message"]
+        assert len(message) <= MAX_ERROR_TEXT
+        if size > MAX_ERROR_TEXT:
+            kept = message.index(" [... ")
+            assert message.endswith(f" [... {size - kept} characters cut]")
+        else:
+            assert message == "m" * size
