@@ -28,8 +28,7 @@ from passrpc import (
     Timeout,
     UnknownMessage,
 )
-from passrpc._protocol import describe_handlers
-from passrpc._protocol import ERROR_UNKNOWN_MESSAGE, error_payload
+from passrpc._protocol import ERROR_UNKNOWN_MESSAGE, describe_handlers, error_payload
 from passrpc._wire import Kind
 from passrpc.aio import AsyncChannel, AsyncProxy
 

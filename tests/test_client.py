@@ -26,8 +26,8 @@ from passrpc import (
     UnknownMessage,
 )
 from passrpc._auth import default_uids, server_handshake
-from passrpc._handshake import password_key
 from passrpc._client import proxy_class
+from passrpc._handshake import password_key
 from passrpc._protocol import ERROR_UNKNOWN_MESSAGE, error_payload
 from passrpc._wire import Kind
 

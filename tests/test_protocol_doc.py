@@ -25,8 +25,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from passrpc import _protocol, _wire
 from passrpc import _handshake as handshake_module
+from passrpc import _protocol, _wire
 from passrpc._handshake import ClientHandshake, ServerHandshake, password_key
 from passrpc._protocol import error_payload
 from passrpc._wire import Kind, encode_frame
