@@ -15,6 +15,7 @@ from ._errors import (
     AuthenticationError,
     ConfigurationError,
     ConnectionClosed,
+    DecodeError,
     EncodeError,
     Error,
     FrameTooLarge,
@@ -30,6 +31,7 @@ from ._errors import (
 from ._fd import FileDescriptor
 from ._registry import handler, on_signal
 from ._server import Server
+from ._types import TypeRegistry, register_error, register_type
 from ._wire import PROTOCOL_VERSION, Limits
 
 __version__ = "0.1.0"
@@ -42,6 +44,7 @@ __all__ = [
     "CollectionStatistics",
     "ConfigurationError",
     "ConnectionClosed",
+    "DecodeError",
     "EncodeError",
     "Error",
     "FileDescriptor",
@@ -58,11 +61,14 @@ __all__ = [
     "StartError",
     "TargetError",
     "Timeout",
+    "TypeRegistry",
     "UnknownMessage",
     "connect",
     "current_peer",
     "handler",
     "on_signal",
+    "register_error",
+    "register_type",
 ]
 
 

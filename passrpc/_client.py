@@ -17,11 +17,21 @@ from typing import Any
 
 from ._auth import open_channel
 from ._channel import Channel
-from ._clientcore import UNSET, ProxyBase, generation, make_proxy_class
-from ._errors import ConnectionClosed, EncodeError
+from ._clientcore import UNSET, ProxyBase, check_type_names, generation, make_proxy_class
+from ._errors import ConnectionClosed, DecodeError, EncodeError
 from ._handshake import password_key
-from ._protocol import CALL, DESCRIBE, MESSAGE, OutOfStep, parse_described, reply_result, request
-from ._wire import DEFAULT_LIMITS, Limits, WireOptions
+from ._protocol import (
+    CALL,
+    DESCRIBE,
+    DESCRIBE_TYPES,
+    MESSAGE,
+    OutOfStep,
+    parse_described,
+    reply_result,
+    request,
+)
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Limits, WireOptions, wire_options
 
 
 class _Connection:
@@ -78,13 +88,14 @@ class Proxy(ProxyBase):
         timeout: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
         server_uids: Collection[int] | None = None,
+        types: TypeRegistry | None = None,
         wire: WireOptions | None = None,
     ) -> None:
         super().__init__(
             socket_path,
             password,
             timeout=timeout,
-            wire=WireOptions(limits) if wire is None else wire,
+            wire=wire_options(limits, types) if wire is None else wire,
             server_uids=server_uids,
         )
         self._local = _PerThread()
@@ -154,8 +165,10 @@ class Proxy(ProxyBase):
                     channel.timeout = timeout
                 channel.send_frame(kind, payload)
             kind, reply = channel.receive_frame()
-        except EncodeError:
-            raise  # nothing was sent: the connection is still in step
+        except (EncodeError, DecodeError):
+            # Nothing was sent, or the reply was read whole (and skipped): the
+            # connection is still in step.
+            raise
         except BaseException:
             self._drop()  # a late reply must never answer the next call
             raise
@@ -163,7 +176,9 @@ class Proxy(ProxyBase):
             if timeout is not UNSET and not channel.closed:
                 channel.timeout = self._timeout
         try:
-            return reply_result(kind, reply)
+            # The channel's registry, not the proxy's: an attribute of a class
+            # with __getattr__ (the proxy) is looked up the slow way.
+            return reply_result(kind, reply, channel.types)
         except OutOfStep:
             self._drop()  # not a reply: the connection is out of step
             raise
@@ -215,11 +230,15 @@ def connect(
     timeout: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
     server_uids: Collection[int] | None = None,
+    types: TypeRegistry | None = None,
 ) -> Proxy:
     """Connect to a passrpc server and return a proxy of its handlers.
 
     The proxy learns the handlers (names, signatures, docstrings) from the
     server itself, so this works in a process that has no :class:`Server`.
+    When this side has registered types, it also asks the server for its
+    own, and logs a warning (once per process) for each extension code the
+    two sides give to differently named classes.
 
     Args:
         socket_path: the server's socket.
@@ -229,6 +248,8 @@ def connect(
         limits: what the server may send (:class:`Limits`).
         server_uids: the uids the server may run as; None means this
             process's own uid or root, so a stranger's socket is refused.
+        types: the :class:`TypeRegistry` of the classes that travel; None
+            for the default one (what :func:`passrpc.register_type` fills).
 
     Raises:
         ConnectionClosed: nobody listens at ``socket_path``.
@@ -239,13 +260,20 @@ def connect(
             error: that error.
     """
     path = os.fspath(socket_path)
-    wire = WireOptions(limits)
+    wire = wire_options(limits, types)
     channel = open_channel(
         path, password_key(password), timeout=timeout, wire=wire, server_uids=server_uids
     )
     try:
+        local = wire.types.names()
         channel.send_frame(DESCRIBE, None)
-        described = parse_described(*channel.receive_frame())
+        if local:  # two requests, one wait: the server answers in order
+            channel.send_frame(DESCRIBE, DESCRIBE_TYPES)
+        described = parse_described(*channel.receive_frame(), wire.types)
+        if local:
+            kind, names = channel.receive_frame()
+            if kind == DESCRIBE:
+                check_type_names(path, local, names)
         proxy = proxy_class(described)(
             path, password, timeout=timeout, wire=wire, server_uids=server_uids
         )

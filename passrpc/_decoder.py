@@ -7,6 +7,13 @@ hands over the descriptors that came with the bytes, and asks for frames
 (:meth:`Decoder.next_frame`). The common case, one whole message per read,
 takes a fast path that decodes it with one ``struct`` call and one
 ``msgpack.unpackb``.
+
+Extension values are decoded wherever they are: descriptor placeholders
+become the descriptors received, msgpack's Timestamp a ``datetime`` in UTC,
+and the codes of the registry (:class:`~passrpc._types.TypeRegistry`) their
+classes. A value that cannot be rebuilt (a registered ``decode`` that fails,
+a map key that cannot be a dict key) spoils only its own frame: the frame is
+skipped whole and :class:`DecodeError` raised, and the stream stays in step.
 """
 
 from __future__ import annotations
@@ -14,11 +21,12 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import msgpack
 
-from ._errors import FrameTooLarge, ProtocolError
+from ._errors import DecodeError, FrameTooLarge, ProtocolError
+from ._types import MAX_TYPE_NESTING, RegisteredType
 from ._wire import (
     DEFAULT_WIRE,
     FD_EXT_CODE,
@@ -56,6 +64,20 @@ _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
 _PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
+#: msgpack's Timestamp decodes as a timezone-aware datetime in UTC.
+_DATETIME = 3
+#: Widths of msgpack's uint 8, 16, 32 and 64, for reading a skipped frame's head.
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+class _Undecodable(Exception):
+    """A registered value could not be rebuilt; raised through msgpack to the decoder."""
+
+
+#: What a value that cannot be rebuilt raises out of msgpack: our hook's
+#: refusal, a map key that is not hashable (TypeError), a timestamp out of
+#: datetime's range (OverflowError). Its frame is skipped, not the stream broken.
+_VALUE_FAILURES = (_Undecodable, TypeError, OverflowError)
 
 
 class Descriptor(Protocol):
@@ -89,15 +111,25 @@ class Decoder:
         self._broken: ProtocolError | None = None
         self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
         self._hook = self._ext_hook  # bound once, not on every frame
+        self._types = wire.types
+        # The registry's own dict: a code registered later decodes at once.
+        self._decoders: dict[int, RegisteredType] = wire.types.by_code
+        self._lenient = True  # a frame that cannot be rebuilt is skipped, not fatal
+        self._nesting = 0  # registered values being decoded inside one another
         self._configure(wire.limits)
 
     def cap_frame_size(self, size: int | None) -> None:
         """Take frames of at most ``size`` bytes from the next one on; None lifts the cap.
 
         For a peer that has not authenticated yet: it may not make this
-        process set aside more than ``size`` bytes for one frame.
+        process set aside more than ``size`` bytes for one frame. Until the
+        cap is lifted no registered ``decode`` runs for it (its codes arrive
+        as ``msgpack.ExtType``), and a frame that cannot be rebuilt breaks
+        the connection instead of being skipped.
         """
         self._max_frame = self._limits.max_frame_size if size is None else size
+        self._lenient = size is None
+        self._decoders = self._types.by_code if size is None else {}
         self._gate_fast_path()
 
     def _configure(self, limits: Limits) -> None:
@@ -227,8 +259,14 @@ class Decoder:
         return self._ext_hook_rest(code, data)
 
     def _ext_hook_rest(self, code: int, data: bytes) -> object:
-        """Other extension types, wide placeholders, and placeholders that point nowhere."""
+        """Registered and other extension types, wide placeholders, placeholders that point nowhere."""
         if code != FD_EXT_CODE:
+            entry = self._decoders.get(code)
+            if entry is None:
+                return msgpack.ExtType(code, data)  # not registered here: as it came
+            return self._rebuild(entry, data)
+        if not self._fds:
+            # No descriptor waits, so this is no placeholder: as it came.
             return msgpack.ExtType(code, data)
         if not 1 <= len(data) <= 4:
             raise ValueError(f"a descriptor placeholder of {len(data)} bytes; it takes 1 to 4")
@@ -237,6 +275,34 @@ class Decoder:
             raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
         self._used.append(index)
         return self._fds[index]
+
+    def _rebuild(self, entry: RegisteredType, data: bytes) -> object:
+        """A registered value: its data unpacked (extension values in it too), then decoded.
+
+        Raises:
+            _Undecodable: anything went wrong; the frame is skipped.
+        """
+        if self._nesting >= MAX_TYPE_NESTING:
+            raise _Undecodable(f"registered values nest more than {MAX_TYPE_NESTING} deep")
+        self._nesting += 1
+        try:
+            value = _unpackb(
+                data,
+                ext_hook=self._hook,
+                timestamp=_DATETIME,
+                strict_map_key=False,
+                **self._options,
+            )
+            return entry.decode(value)
+        except _Undecodable:
+            raise
+        except Exception as exc:
+            raise _Undecodable(
+                f"extension type {entry.code} ({entry.name}) could not be decoded: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self._nesting -= 1
 
     def next_frame(self, received: int = 0) -> tuple[int, Any] | None:
         """Return the next whole frame as ``(kind, payload)``, or None if more bytes are needed.
@@ -267,11 +333,15 @@ class Decoder:
                     # [0, 0, payload]: with str map keys msgpack's defaults
                     # decode it; other keys make it raise ValueError, and the
                     # general path decodes (or refuses) the frame.
+                    view = self.view[HEADER_SIZE:end]
                     try:
-                        payload = _unpackb(self.view[HEADER_SIZE:end])[2]
+                        payload = _unpackb(view, ext_hook=self._hook, timestamp=_DATETIME)[2]
                     except ValueError:
                         self.end = end
-                        return self._next_general(0, end, end, self.view[HEADER_SIZE:end])
+                        return self._next_general(0, end, end, view)
+                    except _VALUE_FAILURES as exc:
+                        self.end = end
+                        self._refuse(0, end, end, view, exc)
                     self._offset += end
                     self.end = 0
                     return _MESSAGE, payload
@@ -296,9 +366,11 @@ class Decoder:
         # skips the general path, as above.
         if self._plain and length >= 3 and buf.startswith(_PLAIN_MESSAGE, start + HEADER_SIZE):
             try:
-                payload = _unpackb(view)[2]
+                payload = _unpackb(view, ext_hook=self._hook, timestamp=_DATETIME)[2]
             except ValueError:
                 pass
+            except _VALUE_FAILURES as exc:
+                self._refuse(start, stop, end, view, exc)
             else:
                 self._consumed(start, stop, end)
                 return _MESSAGE, payload
@@ -315,12 +387,15 @@ class Decoder:
         if nfds != len(fds) or nfds > self._fast_fds:
             return None
         self._used = []
+        view = self.view[HEADER_SIZE:end]
         try:
             payload = _unpackb(
-                self.view[HEADER_SIZE:end], strict_map_key=False, ext_hook=self._hook
+                view, strict_map_key=False, ext_hook=self._hook, timestamp=_DATETIME
             )[2]
         except ValueError:
             return None
+        except _VALUE_FAILURES as exc:
+            self._refuse(0, end, end, view, exc)
         used = self._used
         if len(used) < nfds or (nfds > 1 and len(set(used)) < nfds):
             _close_unmentioned(list(fds), used)
@@ -331,10 +406,10 @@ class Decoder:
 
     def _next_general(self, start: int, stop: int, end: int, view: memoryview) -> tuple[int, Any]:
         """Decode any frame, checking every field: the path of all but plain messages."""
-        # Placeholders can only point at descriptors that have arrived; with
-        # none waiting, extension type 1 stays the ExtType it is.
         try:
-            body = self._unpack_general(view, self._hook if self._fds else None)
+            body = self._unpack_general(view)
+        except _VALUE_FAILURES as exc:
+            self._refuse(start, stop, end, view, exc)
         except Exception as exc:  # msgpack raises ValueError and its own types
             raise self._fail(
                 ProtocolError(
@@ -365,12 +440,46 @@ class Decoder:
         else:
             self._start = stop
 
-    def _unpack_general(self, view: memoryview, hook: Any) -> Any:
-        """Decode with every option; placeholders resolve only in frames that carry descriptors."""
+    def _unpack_general(self, view: memoryview) -> Any:
+        """Decode with every option (placeholders resolve only while descriptors wait)."""
         self._used = []
-        if hook is None:
-            return _unpackb(view, strict_map_key=False, **self._options)
-        return _unpackb(view, strict_map_key=False, ext_hook=hook, **self._options)
+        return _unpackb(
+            view,
+            strict_map_key=False,
+            ext_hook=self._hook,
+            timestamp=_DATETIME,
+            **self._options,
+        )
+
+    def _refuse(
+        self, start: int, stop: int, end: int, view: memoryview, exc: Exception
+    ) -> NoReturn:
+        """Skip the frame at ``start:stop``, whose body holds a value that cannot be rebuilt.
+
+        The stream stays in step (the header gave the frame's end), and the
+        frame's descriptors, counted at the head of its body, are closed.
+
+        Raises:
+            DecodeError: always, once the frame is skipped.
+            ProtocolError: the peer has not authenticated, or the body's head
+                is not ``[kind, nfds, ...]`` with ``nfds`` descriptors arrived:
+                the stream is broken after all.
+        """
+        offset = self._offset
+        reason = _why(exc)
+        head = _frame_head(view) if self._lenient else None
+        if head is None or head[1] > min(self._limits.max_fds, len(self._fds)):
+            raise self._fail(ProtocolError(f"frame at stream offset {offset}: {reason}")) from exc
+        kind, nfds = head
+        for _ in range(nfds):
+            self._fds.popleft().close()
+        self._consumed(start, stop, end)
+        closed = f" (its {nfds} descriptor(s) closed)" if nfds else ""
+        raise DecodeError(
+            f"frame at stream offset {offset}: {reason}; the frame was skipped{closed}, "
+            "and the connection stays usable",
+            kind,
+        ) from exc
 
     def _after_last_frame(self) -> None:
         """Every byte received is decoded: drop an outsized buffer, refuse stray descriptors.
@@ -434,6 +543,53 @@ class Decoder:
         """Close every descriptor received and not yet handed out in a frame."""
         while self._fds:
             self._fds.popleft().close()
+
+
+def _why(exc: Exception) -> str:
+    """What a value that cannot be rebuilt did wrong, for :class:`DecodeError`."""
+    if isinstance(exc, _Undecodable):
+        return str(exc)
+    if isinstance(exc, OverflowError):
+        return f"a timestamp is out of datetime's range ({exc})"
+    if "unhashable" in str(exc):
+        return (
+            f"a map key cannot be rebuilt ({exc}): map keys must be str, int, float, bool, "
+            "None, bytes or hashable registered values (a tuple key arrives as a list)"
+        )
+    return f"a value cannot be rebuilt ({type(exc).__name__}: {exc})"
+
+
+def _frame_head(body: memoryview) -> tuple[int, int] | None:
+    """The kind and descriptor count at the head of a frame body, read byte by byte.
+
+    For a body that msgpack could not finish: None if its head is not
+    ``[kind, nfds, ...]`` with a kind from 0 to 127.
+    """
+    data = bytes(body[:24])
+    for prefix in (b"\x93", b"\xdc\x00\x03", b"\xdd\x00\x00\x00\x03"):
+        if data.startswith(prefix):
+            at = len(prefix)
+            break
+    else:
+        return None
+    kind, at = _small_uint(data, at)
+    nfds, _ = _small_uint(data, at)
+    if kind is None or nfds is None or kind > MAX_KIND:
+        return None
+    return kind, nfds
+
+
+def _small_uint(data: bytes, at: int) -> tuple[int | None, int]:
+    """The unsigned int at ``data[at]`` (fixint or uint 8 to 64) and where the next item starts."""
+    if at >= len(data):
+        return None, at
+    marker = data[at]
+    if marker <= 0x7F:
+        return marker, at + 1
+    width = _UINT_WIDTHS.get(marker)
+    if width is None or at + 1 + width > len(data):
+        return None, at
+    return int.from_bytes(data[at + 1 : at + 1 + width], "big"), at + 1 + width
 
 
 def _close_unmentioned(taken: list[Descriptor], used: list[int]) -> None:

@@ -19,19 +19,28 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._channel import Channel, Peer
-from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError, Timeout
+from ._errors import (
+    ConnectionClosed,
+    DecodeError,
+    EncodeError,
+    FrameTooLarge,
+    ProtocolError,
+    Timeout,
+)
 from ._protocol import (
-    DESCRIBE,
     MESSAGE,
     BadRequest,
     Frame,
     describe_handlers,
+    describe_reply,
     exception_reply,
     parse_request,
+    undecodable,
     unknown_message,
     unsendable,
 )
 from ._registry import Handler
+from ._types import DEFAULT_TYPES, TypeRegistry
 
 logger = logging.getLogger("passrpc")
 
@@ -91,11 +100,14 @@ class Dispatcher:
     Args:
         handlers: the registered handlers by name; copied, so a dispatcher
             serves the registry as it was when it was made.
+        types: the type registry the server's connections use, for
+            DESCRIBE "types".
     """
 
-    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], types: TypeRegistry = DEFAULT_TYPES) -> None:
         self.handlers = dict(handlers)
         self.described = describe_handlers(self.handlers.values())
+        self.types = types
 
     def dispatch(self, kind: int, payload: Any) -> Frame | RawCall:
         """Return the reply frame to one request frame, or the :class:`RawCall` it starts.
@@ -109,7 +121,7 @@ class Dispatcher:
         except BadRequest as exc:
             return exc.frame
         if request is None:
-            return DESCRIBE, self.described
+            return describe_reply(payload, self.described, self.types)
         name, args, kwargs = request
         entry = self.handlers.get(name)
         if entry is None:
@@ -142,6 +154,10 @@ class Dispatcher:
                 except Timeout:
                     logger.debug("closing a connection idle for %s s", channel.timeout)
                     return
+                except DecodeError as exc:  # skipped whole: answer it, read on
+                    logger.info("refused a request that cannot be decoded: %s", exc)
+                    send(*undecodable(exc))
+                    continue
                 except ProtocolError as exc:
                     logger.warning("closing a connection that broke the protocol: %s", exc)
                     return

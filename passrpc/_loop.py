@@ -127,7 +127,7 @@ class ServeLoop:
         self.ready = ready
         self.done = threading.Event()
         self.thread = threading.current_thread()
-        self.dispatcher = Dispatcher(app.registry.handlers)
+        self.dispatcher = Dispatcher(app.registry.handlers, app.settings.wire.types)
         self.clients: dict[socket.socket, threading.Thread] = {}
         self.idle: list[_Worker] = []  # client threads waiting for their next client
         self.clients_lock = threading.Lock()

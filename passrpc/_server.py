@@ -49,7 +49,8 @@ from ._protocol import describe_handlers
 from ._registry import F, Registry, parse_signal
 from ._socketfile import SocketFile, check_path, identity
 from ._target import find_target
-from ._wire import DEFAULT_LIMITS, Limits, WireOptions
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Limits, wire_options
 
 if TYPE_CHECKING:
     from .aio import AsyncProxy
@@ -79,6 +80,10 @@ class Server:
         keep_fds: descriptor numbers the server process keeps open besides
             stdin, stdout, stderr and its own sockets.
         limits: what clients may send (:class:`Limits`).
+        types: the :class:`TypeRegistry` of the classes that travel; None for
+            the default one (what :func:`passrpc.register_type` fills). A
+            forked server has the registrations its parent had at
+            :meth:`start`; a spawned one, those that importing it makes.
         handshake_timeout: seconds a client has to authenticate.
         shutdown_timeout: seconds a quitting server waits for running handlers.
         client_idle_timeout: seconds a connection may sit idle before the
@@ -97,6 +102,7 @@ class Server:
         socket_mode: int = 0o600,
         keep_fds: Iterable[int] = (),
         limits: Limits = DEFAULT_LIMITS,
+        types: TypeRegistry | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         shutdown_timeout: float = 2.0,
         client_idle_timeout: float | None = None,
@@ -111,7 +117,7 @@ class Server:
         self._settings = Settings(
             key=password_key(self._password),
             allowed_uids=default_uids() | frozenset(allow_uids),
-            wire=WireOptions(limits),
+            wire=wire_options(limits, types),
             handshake_timeout=handshake_timeout,
             client_idle_timeout=client_idle_timeout,
             shutdown_timeout=shutdown_timeout,

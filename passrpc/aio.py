@@ -35,11 +35,19 @@ from ._aiochannel import (
     expire,
     open_async_channel,
 )
-from ._clientcore import UNSET, ProxyBase, generation, make_proxy_class
-from ._errors import ConfigurationError, ConnectionClosed, EncodeError, Timeout
+from ._clientcore import UNSET, ProxyBase, check_type_names, generation, make_proxy_class
+from ._errors import ConfigurationError, ConnectionClosed, DecodeError, EncodeError, Timeout
 from ._handshake import password_key
-from ._protocol import DESCRIBE, OutOfStep, parse_described, reply_result, request
-from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions
+from ._protocol import (
+    DESCRIBE,
+    DESCRIBE_TYPES,
+    OutOfStep,
+    parse_described,
+    reply_result,
+    request,
+)
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions, wire_options
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -245,6 +253,8 @@ class AsyncProxy(ProxyBase, AsyncClosing):
         max_connections: connections kept open at most.
         server_uids: the uids the server may run as; None means this
             process's own uid or root, so a stranger's socket is refused.
+        types: the :class:`passrpc.TypeRegistry` of the classes that travel;
+            None for the default one.
 
     Raises:
         ConfigurationError: ``max_connections`` is not a positive int.
@@ -262,6 +272,7 @@ class AsyncProxy(ProxyBase, AsyncClosing):
         limits: Limits = DEFAULT_LIMITS,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         server_uids: Collection[int] | None = None,
+        types: TypeRegistry | None = None,
         wire: WireOptions | None = None,
     ) -> None:
         _check_max_connections(max_connections)
@@ -269,7 +280,7 @@ class AsyncProxy(ProxyBase, AsyncClosing):
             socket_path,
             password,
             timeout=timeout,
-            wire=WireOptions(limits) if wire is None else wire,
+            wire=wire_options(limits, types) if wire is None else wire,
             server_uids=server_uids,
         )
         # Encoding is synchronous and happens before a connection is taken, so
@@ -333,9 +344,10 @@ class AsyncProxy(ProxyBase, AsyncClosing):
                     channel = await self._connect(deadline)
                     await channel.send_encoded(buffers, fds, deadline)
             kind, reply = await channel.receive_frame(deadline, wait_first=True)
-        except EncodeError:
-            # A descriptor that is not open: refused before any byte left, so
-            # the connection is still in step and goes back to the pool.
+        except (EncodeError, DecodeError):
+            # A descriptor that is not open (refused before any byte left), or
+            # a reply read whole and skipped: the connection is still in step
+            # and goes back to the pool.
             pool.release(channel)
             raise
         except BaseException as exc:
@@ -355,7 +367,7 @@ class AsyncProxy(ProxyBase, AsyncClosing):
                 ) from exc
             raise
         try:
-            return reply_result(kind, reply)  # a reply, or the handler's error: still in step
+            return reply_result(kind, reply, channel.types)  # a reply, or the handler's error
         except OutOfStep:
             pool.discard(channel)  # not a reply: the connection is out of step
             channel = None
@@ -421,12 +433,15 @@ async def connect(
     limits: Limits = DEFAULT_LIMITS,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     server_uids: Collection[int] | None = None,
+    types: TypeRegistry | None = None,
 ) -> AsyncProxy:
     """Connect to a passrpc server and return an asyncio proxy of its handlers.
 
     The proxy learns the handlers (names, signatures, docstrings) from the
     server itself, so this works in a process that has no :class:`passrpc.Server`.
-    The connection opened here becomes the pool's first.
+    The connection opened here becomes the pool's first. As
+    :func:`passrpc.connect`, it warns (once per process) about extension codes
+    the two sides give to differently named classes.
 
     Args:
         socket_path: the server's socket.
@@ -437,6 +452,8 @@ async def connect(
         max_connections: connections the proxy keeps open at most.
         server_uids: the uids the server may run as; None means this
             process's own uid or root, so a stranger's socket is refused.
+        types: the :class:`passrpc.TypeRegistry` of the classes that travel;
+            None for the default one.
 
     Raises:
         ConfigurationError: ``max_connections`` is not a positive int (before any I/O).
@@ -449,13 +466,21 @@ async def connect(
     """
     _check_max_connections(max_connections)
     path = os.fspath(socket_path)
-    wire = WireOptions(limits)
+    wire = wire_options(limits, types)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
         channel = await open_async_channel(path, password_key(password), wire, deadline, server_uids)
         try:
+            local = wire.types.names()
             await channel.send_frame(DESCRIBE, None, deadline)
-            described = parse_described(*await channel.receive_frame(deadline, wait_first=True))
+            if local:  # two requests, one wait: the server answers in order
+                await channel.send_frame(DESCRIBE, DESCRIBE_TYPES, deadline)
+            reply = await channel.receive_frame(deadline, wait_first=True)
+            described = parse_described(*reply, wire.types)
+            if local:
+                kind, names = await channel.receive_frame(deadline, wait_first=True)
+                if kind == DESCRIBE:
+                    check_type_names(path, local, names)
             proxy = async_proxy_class(described)(
                 path, password, timeout=timeout, wire=wire, max_connections=max_connections,
                 server_uids=server_uids,

@@ -19,6 +19,7 @@ PACKAGE = Path(passrpc.__file__).parent
 LAYERS = {
     # 0: pure (sans-IO): the codec, what frames mean, the handshake's steps
     "_errors": 0,
+    "_types": 0,
     "_wire": 0,
     "_decoder": 0,
     "_protocol": 0,
@@ -50,7 +51,7 @@ LAYERS = {
     "__main__": 7,
     "__init__": 7,
 }
-PURE = {"_errors", "_wire", "_decoder", "_protocol", "_handshake"}
+PURE = {"_errors", "_types", "_wire", "_decoder", "_protocol", "_handshake"}
 IO_MODULES = {"socket", "os", "threading", "select", "signal", "subprocess", "selectors", "asyncio"}
 
 
