@@ -336,12 +336,9 @@ class Decoder:
                     view = self.view[HEADER_SIZE:end]
                     try:
                         payload = _unpackb(view, ext_hook=self._hook, timestamp=_DATETIME)[2]
-                    except ValueError:
+                    except Exception as exc:  # one clause: a second costs every call
                         self.end = end
-                        return self._next_general(0, end, end, view)
-                    except _VALUE_FAILURES as exc:
-                        self.end = end
-                        self._refuse(0, end, end, view, exc)
+                        return self._fast_failed(0, end, end, view, exc)
                     self._offset += end
                     self.end = 0
                     return _MESSAGE, payload
@@ -367,13 +364,26 @@ class Decoder:
         if self._plain and length >= 3 and buf.startswith(_PLAIN_MESSAGE, start + HEADER_SIZE):
             try:
                 payload = _unpackb(view, ext_hook=self._hook, timestamp=_DATETIME)[2]
-            except ValueError:
-                pass
-            except _VALUE_FAILURES as exc:
-                self._refuse(start, stop, end, view, exc)
-            else:
-                self._consumed(start, stop, end)
-                return _MESSAGE, payload
+            except Exception as exc:
+                return self._fast_failed(start, stop, end, view, exc)
+            self._consumed(start, stop, end)
+            return _MESSAGE, payload
+        return self._next_general(start, stop, end, view)
+
+    def _fast_failed(
+        self, start: int, stop: int, end: int, view: memoryview, exc: Exception
+    ) -> tuple[int, Any]:
+        """A plain message the fast path could not decode: skip it, or let the general path try.
+
+        A value that cannot be rebuilt skips the frame here (decoding it again
+        would run a registered ``decode`` twice); anything else (a map key
+        other than str or bytes, a broken body) is the general path's to
+        decode or refuse.
+        """
+        if isinstance(exc, _VALUE_FAILURES):
+            self._refuse(start, stop, end, view, exc)
+        if not isinstance(exc, ValueError):
+            raise exc
         return self._next_general(start, stop, end, view)
 
     def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:
