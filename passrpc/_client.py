@@ -175,6 +175,9 @@ class Proxy(ProxyBase):
         finally:
             if timeout is not UNSET and not channel.closed:
                 channel.timeout = self._timeout
+        # protocol.reply_result's common case, inlined as protocol.request is.
+        if kind == MESSAGE and type(reply) is list:
+            return reply[0] if len(reply) == 1 else tuple(reply)
         try:
             # The channel's registry, not the proxy's: an attribute of a class
             # with __getattr__ (the proxy) is looked up the slow way.
@@ -269,14 +272,12 @@ def connect(
         channel.send_frame(DESCRIBE, None)
         if local:  # two requests, one wait: the server answers in order
             channel.send_frame(DESCRIBE, DESCRIBE_TYPES)
-        described = parse_described(*channel.receive_frame(), wire.types)
+        cls = proxy_class(parse_described(*channel.receive_frame(), wire.types))
         if local:
             kind, names = channel.receive_frame()
             if kind == DESCRIBE:
                 check_type_names(path, local, names)
-        proxy = proxy_class(described)(
-            path, password, timeout=timeout, wire=wire, server_uids=server_uids
-        )
+        proxy = cls(path, password, timeout=timeout, wire=wire, server_uids=server_uids)
     except BaseException:
         channel.close()
         raise

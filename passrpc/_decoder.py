@@ -21,12 +21,12 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import msgpack
 
 from ._errors import DecodeError, FrameTooLarge, ProtocolError
-from ._types import MAX_TYPE_NESTING, RegisteredType
+from ._types import MAX_TYPE_NESTING, RegisteredType, TypeRegistry
 from ._wire import (
     DEFAULT_WIRE,
     FD_EXT_CODE,
@@ -36,6 +36,7 @@ from ._wire import (
     Limits,
     WireOptions,
     describe_value,
+    frame_head,
 )
 
 _HEADER = struct.Struct(">I")
@@ -64,10 +65,9 @@ _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
 _PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
-#: msgpack's Timestamp decodes as a timezone-aware datetime in UTC.
-_DATETIME = 3
-#: Widths of msgpack's uint 8, 16, 32 and 64, for reading a skipped frame's head.
-_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+# Every unpackb below passes timestamp=3: msgpack's Timestamp becomes a
+# timezone-aware datetime in UTC. A literal, not a named constant: looking a
+# global up costs a frame about a hundred instructions (benchmarks/instructions.py).
 
 
 class _Undecodable(Exception):
@@ -78,6 +78,57 @@ class _Undecodable(Exception):
 #: refusal, a map key that is not hashable (TypeError), a timestamp out of
 #: datetime's range (OverflowError). Its frame is skipped, not the stream broken.
 _VALUE_FAILURES = (_Undecodable, TypeError, OverflowError)
+
+
+class _Registered:
+    """How a decoder rebuilds the extension values of registered codes.
+
+    ``hook`` is the decoder's own extension hook, so that a registered
+    value's data may hold placeholders, datetimes and registered values.
+    """
+
+    def __init__(self, types: TypeRegistry, hook: Any) -> None:
+        self.types = types
+        # The registry's own dict: a code registered later decodes at once.
+        self.decoders: dict[int, RegisteredType] = types.by_code
+        self.hook = hook
+        self.options: dict[str, Any] = {}  # msgpack's limits, as the decoder's
+        self.nesting = 0  # registered values being decoded inside one another
+        #: Whether a frame that cannot be rebuilt is skipped (True) or breaks
+        #: the stream: off, with the registry, until the peer authenticated.
+        self.on = True
+
+    def enable(self, on: bool) -> None:
+        """Decode registered codes (on), or leave every code an ExtType (off)."""
+        self.decoders = self.types.by_code if on else {}
+        self.on = on
+
+    def rebuild(self, code: int, data: bytes) -> object:
+        """The value of extension ``code``: a registered class's instance, else an ExtType.
+
+        Raises:
+            _Undecodable: a registered value failed; its frame is skipped.
+        """
+        entry = self.decoders.get(code)
+        if entry is None:
+            return msgpack.ExtType(code, data)  # not registered here: as it came
+        if self.nesting >= MAX_TYPE_NESTING:
+            raise _Undecodable(f"registered values nest more than {MAX_TYPE_NESTING} deep")
+        self.nesting += 1
+        try:
+            value = _unpackb(
+                data, ext_hook=self.hook, timestamp=3, strict_map_key=False, **self.options
+            )
+            return entry.decode(value)
+        except _Undecodable:
+            raise
+        except Exception as exc:
+            raise _Undecodable(
+                f"extension type {entry.code} ({entry.name}) could not be decoded: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self.nesting -= 1
 
 
 class Descriptor(Protocol):
@@ -111,25 +162,19 @@ class Decoder:
         self._broken: ProtocolError | None = None
         self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
         self._hook = self._ext_hook  # bound once, not on every frame
-        self._types = wire.types
-        # The registry's own dict: a code registered later decodes at once.
-        self._decoders: dict[int, RegisteredType] = wire.types.by_code
-        self._lenient = True  # a frame that cannot be rebuilt is skipped, not fatal
-        self._nesting = 0  # registered values being decoded inside one another
+        self._registered = _Registered(wire.types, self._hook)
         self._configure(wire.limits)
 
     def cap_frame_size(self, size: int | None) -> None:
         """Take frames of at most ``size`` bytes from the next one on; None lifts the cap.
 
         For a peer that has not authenticated yet: it may not make this
-        process set aside more than ``size`` bytes for one frame. Until the
-        cap is lifted no registered ``decode`` runs for it (its codes arrive
-        as ``msgpack.ExtType``), and a frame that cannot be rebuilt breaks
-        the connection instead of being skipped.
+        process set aside more than ``size`` bytes for one frame, nor run a
+        registered ``decode`` (its codes arrive as ``msgpack.ExtType``), nor
+        have a frame skipped: one that cannot be rebuilt breaks the stream.
         """
         self._max_frame = self._limits.max_frame_size if size is None else size
-        self._lenient = size is None
-        self._decoders = self._types.by_code if size is None else {}
+        self._registered.enable(size is None)
         self._gate_fast_path()
 
     def _configure(self, limits: Limits) -> None:
@@ -149,6 +194,7 @@ class Decoder:
             )
             if getattr(limits, name) is not None
         }
+        self._registered.options = self._options
         self._plain = not self._options  # msgpack's defaults are our limits
         self._fast_fds = min(limits.max_fds, _FIXINT_FDS)
         self._gate_fast_path()
@@ -261,10 +307,7 @@ class Decoder:
     def _ext_hook_rest(self, code: int, data: bytes) -> object:
         """Registered and other extension types, wide placeholders, placeholders that point nowhere."""
         if code != FD_EXT_CODE:
-            entry = self._decoders.get(code)
-            if entry is None:
-                return msgpack.ExtType(code, data)  # not registered here: as it came
-            return self._rebuild(entry, data)
+            return self._registered.rebuild(code, data)
         if not self._fds:
             # No descriptor waits, so this is no placeholder: as it came.
             return msgpack.ExtType(code, data)
@@ -275,34 +318,6 @@ class Decoder:
             raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
         self._used.append(index)
         return self._fds[index]
-
-    def _rebuild(self, entry: RegisteredType, data: bytes) -> object:
-        """A registered value: its data unpacked (extension values in it too), then decoded.
-
-        Raises:
-            _Undecodable: anything went wrong; the frame is skipped.
-        """
-        if self._nesting >= MAX_TYPE_NESTING:
-            raise _Undecodable(f"registered values nest more than {MAX_TYPE_NESTING} deep")
-        self._nesting += 1
-        try:
-            value = _unpackb(
-                data,
-                ext_hook=self._hook,
-                timestamp=_DATETIME,
-                strict_map_key=False,
-                **self._options,
-            )
-            return entry.decode(value)
-        except _Undecodable:
-            raise
-        except Exception as exc:
-            raise _Undecodable(
-                f"extension type {entry.code} ({entry.name}) could not be decoded: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            self._nesting -= 1
 
     def next_frame(self, received: int = 0) -> tuple[int, Any] | None:
         """Return the next whole frame as ``(kind, payload)``, or None if more bytes are needed.
@@ -335,10 +350,10 @@ class Decoder:
                     # general path decodes (or refuses) the frame.
                     view = self.view[HEADER_SIZE:end]
                     try:
-                        payload = _unpackb(view, ext_hook=self._hook, timestamp=_DATETIME)[2]
+                        payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
                     except Exception as exc:  # one clause: a second costs every call
                         self.end = end
-                        return self._fast_failed(0, end, end, view, exc)
+                        return self._failed(0, end, end, view, exc)
                     self._offset += end
                     self.end = 0
                     return _MESSAGE, payload
@@ -363,27 +378,11 @@ class Decoder:
         # skips the general path, as above.
         if self._plain and length >= 3 and buf.startswith(_PLAIN_MESSAGE, start + HEADER_SIZE):
             try:
-                payload = _unpackb(view, ext_hook=self._hook, timestamp=_DATETIME)[2]
+                payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
             except Exception as exc:
-                return self._fast_failed(start, stop, end, view, exc)
+                return self._failed(start, stop, end, view, exc)
             self._consumed(start, stop, end)
             return _MESSAGE, payload
-        return self._next_general(start, stop, end, view)
-
-    def _fast_failed(
-        self, start: int, stop: int, end: int, view: memoryview, exc: Exception
-    ) -> tuple[int, Any]:
-        """A plain message the fast path could not decode: skip it, or let the general path try.
-
-        A value that cannot be rebuilt skips the frame here (decoding it again
-        would run a registered ``decode`` twice); anything else (a map key
-        other than str or bytes, a broken body) is the general path's to
-        decode or refuse.
-        """
-        if isinstance(exc, _VALUE_FAILURES):
-            self._refuse(start, stop, end, view, exc)
-        if not isinstance(exc, ValueError):
-            raise exc
         return self._next_general(start, stop, end, view)
 
     def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:
@@ -400,12 +399,12 @@ class Decoder:
         view = self.view[HEADER_SIZE:end]
         try:
             payload = _unpackb(
-                view, strict_map_key=False, ext_hook=self._hook, timestamp=_DATETIME
+                view, strict_map_key=False, ext_hook=self._hook, timestamp=3
             )[2]
         except ValueError:
             return None
         except _VALUE_FAILURES as exc:
-            self._refuse(0, end, end, view, exc)
+            self._failed(0, end, end, view, exc)
         used = self._used
         if len(used) < nfds or (nfds > 1 and len(set(used)) < nfds):
             _close_unmentioned(list(fds), used)
@@ -419,7 +418,7 @@ class Decoder:
         try:
             body = self._unpack_general(view)
         except _VALUE_FAILURES as exc:
-            self._refuse(start, stop, end, view, exc)
+            self._failed(start, stop, end, view, exc)
         except Exception as exc:  # msgpack raises ValueError and its own types
             raise self._fail(
                 ProtocolError(
@@ -457,27 +456,32 @@ class Decoder:
             view,
             strict_map_key=False,
             ext_hook=self._hook,
-            timestamp=_DATETIME,
+            timestamp=3,
             **self._options,
         )
 
-    def _refuse(
+    def _failed(
         self, start: int, stop: int, end: int, view: memoryview, exc: Exception
-    ) -> NoReturn:
-        """Skip the frame at ``start:stop``, whose body holds a value that cannot be rebuilt.
+    ) -> tuple[int, Any]:
+        """A frame msgpack failed on: skip it if a value cannot be rebuilt, else the general path's.
 
-        The stream stays in step (the header gave the frame's end), and the
-        frame's descriptors, counted at the head of its body, are closed.
+        Skipping keeps the stream in step (the header gave the frame's end)
+        and closes the descriptors the body's head counts; decoding again
+        would run a registered ``decode`` twice. Any other ValueError (a map
+        key other than str or bytes, a broken body) goes to the general path.
 
         Raises:
-            DecodeError: always, once the frame is skipped.
+            DecodeError: the frame was skipped.
             ProtocolError: the peer has not authenticated, or the body's head
-                is not ``[kind, nfds, ...]`` with ``nfds`` descriptors arrived:
-                the stream is broken after all.
+                is not ``[kind, nfds, ...]`` with its descriptors arrived.
         """
+        if not isinstance(exc, _VALUE_FAILURES):
+            if isinstance(exc, ValueError):
+                return self._next_general(start, stop, end, view)
+            raise exc
         offset = self._offset
         reason = _why(exc)
-        head = _frame_head(view) if self._lenient else None
+        head = frame_head(view) if self._registered.on else None
         if head is None or head[1] > min(self._limits.max_fds, len(self._fds)):
             raise self._fail(ProtocolError(f"frame at stream offset {offset}: {reason}")) from exc
         kind, nfds = head
@@ -567,39 +571,6 @@ def _why(exc: Exception) -> str:
             "None, bytes or hashable registered values (a tuple key arrives as a list)"
         )
     return f"a value cannot be rebuilt ({type(exc).__name__}: {exc})"
-
-
-def _frame_head(body: memoryview) -> tuple[int, int] | None:
-    """The kind and descriptor count at the head of a frame body, read byte by byte.
-
-    For a body that msgpack could not finish: None if its head is not
-    ``[kind, nfds, ...]`` with a kind from 0 to 127.
-    """
-    data = bytes(body[:24])
-    for prefix in (b"\x93", b"\xdc\x00\x03", b"\xdd\x00\x00\x00\x03"):
-        if data.startswith(prefix):
-            at = len(prefix)
-            break
-    else:
-        return None
-    kind, at = _small_uint(data, at)
-    nfds, _ = _small_uint(data, at)
-    if kind is None or nfds is None or kind > MAX_KIND:
-        return None
-    return kind, nfds
-
-
-def _small_uint(data: bytes, at: int) -> tuple[int | None, int]:
-    """The unsigned int at ``data[at]`` (fixint or uint 8 to 64) and where the next item starts."""
-    if at >= len(data):
-        return None, at
-    marker = data[at]
-    if marker <= 0x7F:
-        return marker, at + 1
-    width = _UINT_WIDTHS.get(marker)
-    if width is None or at + 1 + width > len(data):
-        return None, at
-    return int.from_bytes(data[at + 1 : at + 1 + width], "big"), at + 1 + width
 
 
 def _close_unmentioned(taken: list[Descriptor], used: list[int]) -> None:

@@ -435,6 +435,44 @@ def _bin_header(n: int) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big")
 
 
+def frame_head(body: memoryview) -> tuple[int, int] | None:
+    """The kind and descriptor count at the head of a frame body, read byte by byte.
+
+    For a body that msgpack could not finish, as the decoder skips it: None
+    if its head is not ``[kind, nfds, ...]`` with a kind from 0 to 127 (the
+    array may be any of msgpack's array formats, the ints any unsigned one).
+    """
+    data = bytes(body[:24])
+    for prefix in (b"\x93", b"\xdc\x00\x03", b"\xdd\x00\x00\x00\x03"):
+        if data.startswith(prefix):
+            at = len(prefix)
+            break
+    else:
+        return None
+    kind, at = _small_uint(data, at)
+    nfds, _ = _small_uint(data, at)
+    if kind is None or nfds is None or kind > MAX_KIND:
+        return None
+    return kind, nfds
+
+
+def _small_uint(data: bytes, at: int) -> tuple[int | None, int]:
+    """The unsigned int at ``data[at]`` (fixint or uint 8 to 64) and where the next item starts."""
+    if at >= len(data):
+        return None, at
+    marker = data[at]
+    if marker <= 0x7F:
+        return marker, at + 1
+    width = _UINT_WIDTHS.get(marker)
+    if width is None or at + 1 + width > len(data):
+        return None, at
+    return int.from_bytes(data[at + 1 : at + 1 + width], "big"), at + 1 + width
+
+
+#: Widths of msgpack's uint 8, 16, 32 and 64 (markers 0xcc to 0xcf).
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
 def encode_frame(
     kind: int, payload: Any, wire: WireOptions = DEFAULT_WIRE
 ) -> tuple[bytes, list[int]]:

@@ -425,6 +425,24 @@ def async_proxy_class(described: list[dict[str, Any]]) -> type[AsyncProxy]:
     return make_proxy_class(AsyncProxy, described)
 
 
+async def _describe(channel: AsyncChannel, path: str, deadline: float | None) -> type[AsyncProxy]:
+    """Ask the server for its handlers (and, with types registered here, its types); make the class.
+
+    The two requests go out together: the server answers them in order.
+    """
+    local = channel.types.names()
+    await channel.send_frame(DESCRIBE, None, deadline)
+    if local:
+        await channel.send_frame(DESCRIBE, DESCRIBE_TYPES, deadline)
+    reply = await channel.receive_frame(deadline, wait_first=True)
+    cls = async_proxy_class(parse_described(*reply, channel.types))
+    if local:
+        kind, names = await channel.receive_frame(deadline, wait_first=True)
+        if kind == DESCRIBE:
+            check_type_names(path, local, names)
+    return cls
+
+
 async def connect(
     socket_path: str | os.PathLike[str],
     *,
@@ -471,17 +489,8 @@ async def connect(
     try:
         channel = await open_async_channel(path, password_key(password), wire, deadline, server_uids)
         try:
-            local = wire.types.names()
-            await channel.send_frame(DESCRIBE, None, deadline)
-            if local:  # two requests, one wait: the server answers in order
-                await channel.send_frame(DESCRIBE, DESCRIBE_TYPES, deadline)
-            reply = await channel.receive_frame(deadline, wait_first=True)
-            described = parse_described(*reply, wire.types)
-            if local:
-                kind, names = await channel.receive_frame(deadline, wait_first=True)
-                if kind == DESCRIBE:
-                    check_type_names(path, local, names)
-            proxy = async_proxy_class(described)(
+            cls = await _describe(channel, path, deadline)
+            proxy = cls(
                 path, password, timeout=timeout, wire=wire, max_connections=max_connections,
                 server_uids=server_uids,
             )  # fmt: skip
