@@ -116,9 +116,12 @@ class _Registered:
             raise _Undecodable(f"registered values nest more than {MAX_TYPE_NESTING} deep")
         self.nesting += 1
         try:
-            value = _unpackb(
-                data, ext_hook=self.hook, timestamp=3, strict_map_key=False, **self.options
-            )
+            if self.options:
+                value = _unpackb(
+                    data, ext_hook=self.hook, timestamp=3, strict_map_key=False, **self.options
+                )
+            else:  # no ** call: it costs msgpack's argument parser a dict of its own
+                value = _unpackb(data, ext_hook=self.hook, timestamp=3, strict_map_key=False)
             return entry.decode(value)
         except _Undecodable:
             raise

@@ -100,6 +100,8 @@ class _Fields:
         self.cls = cls
         self.names = tuple(name for name, _ in fields)
         self.arguments = dict(fields)
+        # Usually every field is its own argument: the map is then the kwargs.
+        self.renamed = any(name != argument for name, argument in fields)
 
     def encode(self, obj: Any) -> dict[str, Any]:
         return {name: getattr(obj, name) for name in self.names}
@@ -108,15 +110,15 @@ class _Fields:
         if type(value) is not dict:
             raise TypeError(f"expected a map of fields, got {type(value).__name__}")
         arguments = self.arguments
-        try:
-            kwargs = {arguments[name]: item for name, item in value.items()}
-        except (KeyError, TypeError):
+        if not arguments.keys() >= value.keys():  # said here, by field name
             unknown = sorted(repr(name) for name in value if name not in arguments)
             raise TypeError(
                 f"{self.cls.__qualname__} has no field {', '.join(unknown)}; "
                 f"it has {list(self.names)}"
-            ) from None
-        return self.cls(**kwargs)
+            )
+        if self.renamed:
+            value = {arguments[name]: item for name, item in value.items()}
+        return self.cls(**value)
 
 
 def _default_codec(cls: type) -> _Fields | None:
