@@ -10,7 +10,6 @@ cannot be loaded).
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import fcntl
 import json
@@ -23,6 +22,7 @@ from typing import Any, NoReturn, TypeAlias
 
 from ._channel import Channel
 from ._client import Proxy, connect
+from ._clivalues import ValueSyntaxError, close_fds, jsonable, parse_value
 from ._errors import (
     AuthenticationError,
     ConfigurationError,
@@ -31,7 +31,6 @@ from ._errors import (
     StartError,
     TargetError,
 )
-from ._fd import FileDescriptor
 from ._server import Server, reconfigure, socket_file
 from ._socketfile import is_live_socket
 from ._target import load_target
@@ -331,60 +330,17 @@ def _connect(args: argparse.Namespace) -> Proxy:
         ) from exc
 
 
-def _parse_value(text: str) -> Any:
-    """JSON where the text is JSON, else the text itself as a string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _jsonable(value: Any, fds: list[int]) -> Any:
-    """Turn a reply into values ``json`` can write (see docs/cli.md, "Output")."""
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item, fds) for item in value]
-    if isinstance(value, dict):
-        return {
-            key
-            if isinstance(key, (str, int, float, bool)) or key is None
-            else json.dumps(_jsonable(key, fds)): _jsonable(item, fds)
-            for key, item in value.items()
-        }
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, FileDescriptor):
-        number = value.fileno()
-        fds.append(number)
-        return {"$fd": number}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    code = getattr(value, "code", None)
-    data = getattr(value, "data", None)
-    if isinstance(code, int) and isinstance(data, bytes):  # a msgpack ExtType
-        return {"$ext": code, "$bytes": base64.b64encode(data).decode("ascii")}
-    return {"$repr": repr(value)}
-
-
-def _close_fds(value: Any) -> None:
-    if isinstance(value, FileDescriptor):
-        value.close()
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _close_fds(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _close_fds(key)
-            _close_fds(item)
-
-
 def _call(args: argparse.Namespace) -> int:
-    positional = [_parse_value(text) for text in args.args]
-    keywords: dict[str, Any] = {}
-    for item in args.kwarg:
-        name, sep, text = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise _UsageError(f"-k takes NAME=VALUE, got {item!r}")
-        keywords[name] = _parse_value(text)
+    try:
+        positional = [parse_value(text) for text in args.args]
+        keywords: dict[str, Any] = {}
+        for item in args.kwarg:
+            name, sep, text = item.partition("=")
+            if not sep or not name.isidentifier():
+                raise _UsageError(f"-k takes NAME=VALUE, got {item!r}")
+            keywords[name] = parse_value(text)
+    except ValueSyntaxError as exc:
+        raise _UsageError(str(exc)) from exc
     with _connect(args) as proxy:
         try:
             reply = proxy.call(args.name, *positional, **keywords)
@@ -398,10 +354,10 @@ def _call(args: argparse.Namespace) -> int:
     fds: list[int] = []
     try:
         text = json.dumps(
-            _jsonable(reply, fds), ensure_ascii=False, indent=args.indent, sort_keys=False
+            jsonable(reply, fds), ensure_ascii=False, indent=args.indent, sort_keys=False
         )
     finally:
-        _close_fds(reply)
+        close_fds(reply)
     print(text)
     if fds:
         print(
@@ -514,9 +470,12 @@ def _add_call(commands: _Subcommands) -> None:
         description=(
             "Call handler NAME with ARGS and print the reply as one JSON value (several "
             "returned values make a JSON array). Each ARG is parsed as JSON where it parses, "
-            "else taken as a string: 3 is a number, '\"3\"' a string, Joe a string. Bytes "
-            'print as {"$bytes": BASE64}, file descriptors as {"$fd": N}. A remote error '
-            "goes to stderr with exit status 1. Put -- before ARGS that start with '-'."
+            "else taken as a string: 3 is a number, '\"3\"' a string, Joe a string; "
+            '{"$bytes": BASE64} is bytes and {"$ext": [CODE, BASE64]} a msgpack extension '
+            "value. In the reply, bytes print as {\"$bytes\": BASE64}, extension values this "
+            'process cannot decode as {"$ext": [CODE, BASE64]}, datetimes as ISO 8601 text, '
+            'file descriptors as {"$fd": N}. A remote error goes to stderr with exit status '
+            "1. Put -- before ARGS that start with '-'."
         ),
     )
     _add_client_options(call)

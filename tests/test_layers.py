@@ -48,6 +48,7 @@ LAYERS = {
     "_collection": 6,
     "_entries": 6,
     "_cli": 7,
+    "_clivalues": 7,
     "__main__": 7,
     "__init__": 7,
 }
