@@ -286,7 +286,7 @@ class TypeRegistry:
                 "connection or an exit); it stays a plain RemoteError"
             )
         try:
-            typed = _combine(cls, error_name(cls))
+            typed = _combine(cls, error_name(cls), builtin=False)
         except TypeError as exc:
             raise ConfigurationError(
                 f"{type_name(cls)} cannot be combined with passrpc.RemoteError ({exc}); "
@@ -451,7 +451,7 @@ def typed_builtin(name: str) -> type[RemoteError] | None:
             if klass is Exception:
                 break
             if _takes_a_message(klass):
-                typed = _combine(klass, klass.__qualname__)
+                typed = _combine(klass, klass.__qualname__, builtin=True)
                 break
     _typed_builtins[name] = typed
     return typed
@@ -465,12 +465,19 @@ def _takes_a_message(cls: type[BaseException]) -> bool:
     return True
 
 
-def _combine(cls: type[BaseException], name: str) -> type[RemoteError]:
+def _combine(cls: type[BaseException], name: str, *, builtin: bool) -> type[RemoteError]:
     """A class that is both :class:`RemoteError` and ``cls``, named ``RemoteError[name]``.
 
     Raises:
         TypeError: the two cannot be combined (their layouts or constructors clash).
     """
+
+    def __reduce__(self: RemoteError) -> tuple[Any, tuple[Any, ...]]:
+        # The class is made here, so copy and pickle cannot name it: they
+        # get it again by name (pickle is never used on the wire; this is
+        # for a program that copies or pickles the errors it caught).
+        return _typed_again, (name, builtin, *self.args)
+
     bases: tuple[type, ...] = (cls,) if issubclass(cls, RemoteError) else (RemoteError, cls)
     title = f"RemoteError[{name}]"
     typed: type[RemoteError] = type(
@@ -480,10 +487,22 @@ def _combine(cls: type[BaseException], name: str) -> type[RemoteError]:
             "__module__": "passrpc",
             "__qualname__": title,
             "__doc__": f"A {name} raised by a handler on the server, as passrpc.RemoteError.",
+            "__reduce__": __reduce__,
         },
     )
     typed("T", "message", "")  # refuse now what would fail when an error arrives
     return typed
+
+
+def _typed_again(
+    name: str, builtin: bool, remote_type: str, message: str, traceback: str
+) -> RemoteError:
+    """A copied or unpickled typed remote error: typed again by ``name``, from the
+    builtins or the default registry (a plain RemoteError if that has no such class)."""
+    typed = typed_builtin(name) if builtin else DEFAULT_TYPES._errors.get(name)
+    if typed is None:
+        return RemoteError(remote_type, message, traceback)
+    return typed(remote_type, message, traceback)
 
 
 def type_name_mismatches(local: dict[int, str], remote: object) -> list[tuple[int, str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import enum
@@ -14,7 +15,7 @@ import pytest
 
 import passrpc
 from passrpc import ConfigurationError, RemoteError, TypeRegistry
-from passrpc._types import nearest_builtin, type_name_mismatches, typed_builtin
+from passrpc._types import DEFAULT_TYPES, nearest_builtin, type_name_mismatches, typed_builtin
 
 
 @attrs.define
@@ -179,8 +180,6 @@ class TestRegisterType:
 
     def test_the_default_registry_is_what_the_module_functions_fill(self) -> None:
         """passrpc.register_type fills the registry every entry point uses by default."""
-        from passrpc._types import DEFAULT_TYPES
-
         from .model import Point
 
         assert DEFAULT_TYPES.by_code[10].cls is Point
@@ -267,6 +266,28 @@ class TestTypedBuiltins:
     def test_the_sender_names_the_nearest_builtin(self, cls: type[Exception], name: str) -> None:
         """The ERROR frame's builtin key is the first builtin among the class and its ancestors."""
         assert nearest_builtin(cls) == name
+
+
+    def test_a_typed_error_copies_as_itself(self) -> None:
+        """copy and deepcopy (and pickle, which uses the same reduction) keep the type and details."""
+        typed = typed_builtin("KeyError")
+        assert typed is not None
+        error = typed("KeyError", "'k'", "Traceback ...")
+        for copied in (copy.copy(error), copy.deepcopy(error)):
+            assert type(copied) is typed
+            assert (copied.remote_type, copied.remote_message, copied.remote_traceback) == (
+                "KeyError",
+                "'k'",
+                "Traceback ...",
+            )
+
+    def test_a_registered_error_copies_as_itself(self) -> None:
+        """A class registered in the default registry is found again by name."""
+        from .model import NotFound
+
+        error = DEFAULT_TYPES.remote_error("tests.model.NotFound", None, "gone", "")
+        assert isinstance(error, NotFound)
+        assert isinstance(copy.copy(error), NotFound)
 
 
 class TestRegisterError:
