@@ -71,7 +71,8 @@ class Proxy(ProxyBase):
     docstring; ``dir(proxy)`` lists them, and an unknown name raises
     ``AttributeError`` before any I/O. A call returns the handler's single
     value, or a tuple when it returned several; a handler's exception is
-    raised as :class:`RemoteError`. Each thread gets its own connection,
+    raised as :class:`RemoteError`, also an instance of its nearest builtin
+    (or registered) class. Each thread gets its own connection,
     kept across calls and opened again if the server closed it while idle
     (a call that may have run is never sent twice); a forked child opens its
     own. Handlers whose names clash with the proxy's own methods, or are not

@@ -229,7 +229,8 @@ class AsyncProxy(ProxyBase, AsyncClosing):
     docstring; ``dir(proxy)`` lists them, and an unknown name raises
     ``AttributeError`` before any I/O. A call returns the handler's single
     value, or a tuple when it returned several; a handler's exception is
-    raised as :class:`passrpc.RemoteError`. Any number of tasks may call at
+    raised as :class:`passrpc.RemoteError`, also an instance of its nearest
+    builtin (or registered) class. Any number of tasks may call at
     once: each call holds one pooled connection (at most ``max_connections``
     open, idle ones reused, further callers wait their turn). A call that is
     cancelled, or outlives ``timeout`` (:class:`passrpc.Timeout`), closes its

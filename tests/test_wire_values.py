@@ -312,6 +312,17 @@ class TestFramesThatCannotBeRebuilt:
         assert got[-2:] == [("skipped", 0), (0, [fds[2]])]
         assert [fd.closed for fd in fds] == [True, True, False]
 
+    def test_a_frame_with_descriptors_alone_in_the_buffer_is_skipped_too(self) -> None:
+        """The fast path for messages with descriptors skips the same way, closing them."""
+        fds = [FakeFd(1), FakeFd(2)]
+        decoder = Decoder()
+        decoder.receive_data(frame(0, 2, [msgpack.ExtType(1, b"\x00"), _strict(-1)]), fds)
+        with pytest.raises(DecodeError, match=r"2 descriptor\(s\) closed"):
+            decoder.next_frame()
+        assert [fd.closed for fd in fds] == [True, True]
+        decoder.receive_data(frame(0, 0, ["next"]))
+        assert decoder.next_frame() == (0, ["next"])
+
     def test_a_body_whose_head_cannot_be_read_breaks_the_stream(self) -> None:
         """Skipping needs the frame's descriptor count; without it the stream is broken."""
         body = msgpack.packb([0, "x", [{(1,): 2}]])
