@@ -267,7 +267,6 @@ class TestTypedBuiltins:
         """The ERROR frame's builtin key is the first builtin among the class and its ancestors."""
         assert nearest_builtin(cls) == name
 
-
     def test_a_typed_error_copies_as_itself(self) -> None:
         """copy and deepcopy (and pickle, which uses the same reduction) keep the type and details."""
         typed = typed_builtin("KeyError")
