@@ -15,6 +15,7 @@ from ._errors import (
     AuthenticationError,
     ConfigurationError,
     ConnectionClosed,
+    DecodeError,
     EncodeError,
     Error,
     FrameTooLarge,
@@ -32,6 +33,7 @@ from ._fd import FileDescriptor
 from ._protocol import HandlerStatistics, ServerStatus
 from ._registry import handler, on_signal, worker
 from ._server import Server
+from ._types import TypeRegistry, register_error, register_type
 from ._wire import PROTOCOL_VERSION, Limits
 from ._workers import Worker
 
@@ -45,6 +47,7 @@ __all__ = [
     "CollectionStatistics",
     "ConfigurationError",
     "ConnectionClosed",
+    "DecodeError",
     "EncodeError",
     "Error",
     "FileDescriptor",
@@ -63,6 +66,7 @@ __all__ = [
     "StartError",
     "TargetError",
     "Timeout",
+    "TypeRegistry",
     "UnknownMessage",
     "Worker",
     "WorkerError",
@@ -70,6 +74,8 @@ __all__ = [
     "current_peer",
     "handler",
     "on_signal",
+    "register_error",
+    "register_type",
     "server_status",
     "worker",
 ]

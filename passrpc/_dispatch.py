@@ -23,22 +23,31 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._channel import Channel, Peer
-from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError, Timeout
+from ._errors import (
+    ConnectionClosed,
+    DecodeError,
+    EncodeError,
+    FrameTooLarge,
+    ProtocolError,
+    Timeout,
+)
 from ._protocol import (
-    DESCRIBE,
     MESSAGE,
     STATUS,
     BadRequest,
     Frame,
     describe_handlers,
+    describe_reply,
     exception_reply,
     parse_request,
     reply,
+    undecodable,
     unknown_message,
     unsendable,
 )
 from ._registry import Handler
 from ._stats import SAMPLE_EVERY, HandlerCounters
+from ._types import DEFAULT_TYPES, TypeRegistry
 from ._wire import PROTOCOL_VERSION
 
 logger = logging.getLogger("passrpc")
@@ -149,12 +158,15 @@ class Dispatcher:
     Args:
         handlers: the registered handlers by name; copied, so a dispatcher
             serves the registry as it was when it was made.
+        types: the type registry the server's connections use, for
+            DESCRIBE "types".
     """
 
-    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], types: TypeRegistry = DEFAULT_TYPES) -> None:
         every_call = logger.isEnabledFor(logging.DEBUG)
         self.handlers = {name: Served(handler, every_call) for name, handler in handlers.items()}
         self.described = describe_handlers(handlers.values())
+        self.types = types
         self.started = time.monotonic()
         # Connection counts; the lock guards them, never a call.
         self._lock = threading.Lock()
@@ -180,13 +192,20 @@ class Dispatcher:
         a malformed request, an unknown handler name and an unknown frame
         kind. Nothing here raises for what a client sends.
         """
-        try:
-            request = parse_request(kind, payload)
-        except BadRequest as exc:
-            return exc.frame
-        if request is None:
-            return (STATUS, self.status()) if kind == STATUS else (DESCRIBE, self.described)
-        name, args, kwargs = request
+        # protocol.parse_request's common case, a MESSAGE, inlined as the
+        # reply below is: this runs for every call.
+        if kind == MESSAGE and type(payload) is list and payload and type(payload[0]) is str:
+            name, args, kwargs = payload[0], payload[1:], None
+        else:
+            try:
+                request = parse_request(kind, payload)
+            except BadRequest as exc:
+                return exc.frame
+            if request is None:
+                if kind == STATUS:
+                    return STATUS, self.status()
+                return describe_reply(payload, self.described, self.types)
+            name, args, kwargs = request
         entry = self.handlers.get(name)
         if entry is None:
             return unknown_message(name, self.handlers)
@@ -244,6 +263,10 @@ class Dispatcher:
                 except Timeout:
                     logger.debug("closing a connection idle for %s s", channel.timeout)
                     return
+                except DecodeError as exc:  # skipped whole: answer it, read on
+                    logger.info("refused a request that cannot be decoded: %s", exc)
+                    send(*undecodable(exc))
+                    continue
                 except ProtocolError as exc:
                     logger.warning("closing a connection that broke the protocol: %s", exc)
                     return

@@ -153,7 +153,7 @@ class ServeLoop:
         self.ready = ready
         self.done = threading.Event()
         self.thread = threading.current_thread()
-        self.dispatcher = Dispatcher(app.registry.handlers)
+        self.dispatcher = Dispatcher(app.registry.handlers, app.settings.wire.types)
         # Sized again once initialize_server has run (it may change the limit).
         self.descriptor_budget = DescriptorBudget(waiting_descriptor_limit())
         self.clients: dict[socket.socket, threading.Thread] = {}

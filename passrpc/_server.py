@@ -50,7 +50,8 @@ from ._protocol import ServerStatus, describe_handlers
 from ._registry import F, Registry, parse_signal
 from ._socketfile import SocketFile, check_path, identity
 from ._target import find_target
-from ._wire import DEFAULT_LIMITS, Limits, WireOptions
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Limits, wire_options
 
 if TYPE_CHECKING:
     from .aio import AsyncProxy
@@ -81,6 +82,10 @@ class Server(WorkerMethods):
         keep_fds: descriptor numbers the server process keeps open besides
             stdin, stdout, stderr and its own sockets.
         limits: what clients may send (:class:`Limits`).
+        types: the :class:`TypeRegistry` of the classes that travel; None for
+            the default one (what :func:`passrpc.register_type` fills). A
+            forked server has the registrations its parent had at
+            :meth:`start`; a spawned one, those that importing it makes.
         handshake_timeout: seconds a client has to authenticate.
         shutdown_timeout: seconds a quitting server waits for running handlers.
         client_idle_timeout: seconds a connection may sit idle before the
@@ -99,6 +104,7 @@ class Server(WorkerMethods):
         socket_mode: int = 0o600,
         keep_fds: Iterable[int] = (),
         limits: Limits = DEFAULT_LIMITS,
+        types: TypeRegistry | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         shutdown_timeout: float = 2.0,
         client_idle_timeout: float | None = None,
@@ -113,7 +119,7 @@ class Server(WorkerMethods):
         self._settings = Settings(
             key=password_key(self._password),
             allowed_uids=default_uids() | frozenset(allow_uids),
-            wire=WireOptions(limits),
+            wire=wire_options(limits, types),
             handshake_timeout=handshake_timeout,
             client_idle_timeout=client_idle_timeout,
             shutdown_timeout=shutdown_timeout,
@@ -323,7 +329,7 @@ class Server(WorkerMethods):
                     pid, popen = self._fork(listener, theirs), None
                 else:
                     assert target is not None
-                    popen = spawn(target, listener, theirs, ours, self._spawn_config(identity))
+                    popen = spawn(target, listener, theirs, ours, _spawn_config(self, identity))
                     pid = popen.pid
                 process = ServerProcess(pid, ours, os.getpid(), self._files, identity, popen)
                 theirs.close()
@@ -363,16 +369,6 @@ class Server(WorkerMethods):
                 "target='module:attribute'"
             )
         return target
-
-    def _spawn_config(self, identity: tuple[int, int]) -> dict[str, Any]:
-        """What a spawned server process cannot know by itself (see passrpc._spawn)."""
-        return {
-            "password": self._password,
-            "socket_path": self._files.path,
-            "own_dir": self._files.own_dir,
-            "identity": list(identity),
-            "log_level": logger.getEffectiveLevel(),
-        }
 
     def stop(self, timeout: float = 4.0) -> None:
         """Stop the server for every owner, and wait for it to end.
@@ -480,6 +476,17 @@ class Server(WorkerMethods):
 
 # What the command line and the spawned process do to a Server, beyond its
 # public API. They live here, beside the class whose state they change.
+
+
+def _spawn_config(server: Server, identity: tuple[int, int]) -> dict[str, Any]:
+    """What a spawned server process cannot know by itself (see passrpc._spawn)."""
+    return {
+        "password": server._password,
+        "socket_path": server._files.path,
+        "own_dir": server._files.own_dir,
+        "identity": list(identity),
+        "log_level": logger.getEffectiveLevel(),
+    }
 
 
 def socket_file(server: Server) -> SocketFile:

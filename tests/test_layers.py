@@ -19,7 +19,9 @@ PACKAGE = Path(passrpc.__file__).parent
 LAYERS = {
     # 0: pure (sans-IO): the codec, what frames mean, the handshake's steps
     "_errors": 0,
+    "_types": 0,
     "_wire": 0,
+    "_framebuffer": 0,
     "_decoder": 0,
     "_protocol": 0,
     "_handshake": 0,
@@ -52,10 +54,11 @@ LAYERS = {
     "_entries": 6,
     "_cli": 7,
     "_cli_client": 7,
+    "_clivalues": 7,
     "__main__": 7,
     "__init__": 7,
 }
-PURE = {"_errors", "_wire", "_decoder", "_protocol", "_handshake"}
+PURE = {"_errors", "_types", "_wire", "_framebuffer", "_decoder", "_protocol", "_handshake"}
 IO_MODULES = {"socket", "os", "threading", "select", "signal", "subprocess", "selectors", "asyncio"}
 
 
