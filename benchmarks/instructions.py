@@ -4,6 +4,8 @@ Run from the repository root (valgrind must be installed; about a minute):
 
     python benchmarks/instructions.py            # every operation
     python benchmarks/instructions.py chan_fd    # some operations only
+    python benchmarks/instructions.py --types 10 proxy_client server_call
+                                                 # with ten types registered first
 
 Wall-clock figures on a virtual machine move by tens of percent between
 runs; the number of instructions a loop executes in user space does not.
@@ -25,6 +27,12 @@ server_call   a call's server side: the request read from a Channel, dispatched
               to a handler, the reply sent (the body of Dispatcher.serve's loop,
               which a pool thread runs while requests keep coming), against
               canned requests
+proxy_attrs   proxy_client, with a registered attrs instance of five fields as
+              the argument and in the canned reply
+server_attrs  server_call, with that instance in the request and the reply
+
+``--types N`` registers N attrs classes (codes 100 and up) in the default
+registry before the loop: registering types must not slow plain calls.
 """
 
 from __future__ import annotations
@@ -37,24 +45,62 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-OPERATIONS = ("floor_rt", "chan_rt", "chan_plain", "chan_fd", "proxy_client", "server_call")
+OPERATIONS = (
+    "floor_rt",
+    "chan_rt",
+    "chan_plain",
+    "chan_fd",
+    "proxy_client",
+    "server_call",
+    "proxy_attrs",
+    "server_attrs",
+)
 RUNS = (1000, 3000)
 
 
-def run(operation: str, n: int) -> None:
+def register_types(count: int) -> None:
+    """Register ``count`` attrs classes of five fields in the default registry (codes 100 on)."""
+    import attrs
+
+    import passrpc
+
+    for i in range(count):
+        cls = attrs.make_class(f"Registered{i}", ["a", "b", "c", "d", "e"])
+        passrpc.register_type(cls, 100 + i)
+
+
+def run(operation: str, n: int, types: int = 0) -> None:
     """The loop that callgrind counts (this script, run again with ``--loop``)."""
     import collections
     import socket
     import struct
 
+    import attrs
     import msgpack
 
     sys.path.insert(0, ROOT)
+    import passrpc
     from passrpc import Channel, FileDescriptor
     from passrpc._client import proxy_class
     from passrpc._dispatch import Dispatcher
     from passrpc._registry import Handler
     from passrpc._wire import encode_frame
+
+    register_types(types)
+    value: object = 1  # what the calls carry
+    if operation.endswith("_attrs"):
+
+        @passrpc.register_type(code=99)
+        @attrs.frozen
+        class Order:
+            id: int
+            customer: str
+            amount: float
+            paid: bool
+            note: str
+
+        value = Order(12345, "Joe Dalton", 99.5, True, "deliver to the saloon")
+        operation = {"proxy_attrs": "proxy_client", "server_attrs": "server_call"}[operation]
 
     if operation == "floor_rt":
         header = struct.Struct(">I")
@@ -112,12 +158,18 @@ def run(operation: str, n: int) -> None:
         )
         proxy = proxy_type("/nonexistent", "pw", timeout=None, wire=c._wire, server_uids=None)
         proxy._adopt(c)
-        reply = encode_frame(0, (1,))[0]
+        reply = encode_frame(0, (value,))[0]
         echo = proxy.echo
-        for i in range(n):
-            server_end.sendall(reply)
-            echo(i)
-            server_end.recv_into(sink)
+        if value == 1:
+            for i in range(n):
+                server_end.sendall(reply)
+                echo(i)
+                server_end.recv_into(sink)
+        else:
+            for _ in range(n):
+                server_end.sendall(reply)
+                echo(value)
+                server_end.recv_into(sink)
     elif operation == "server_call":
         c, d = Channel.pair()
         client_end = d._sock
@@ -125,7 +177,7 @@ def run(operation: str, n: int) -> None:
         dispatcher = Dispatcher({"echo": Handler("echo", lambda x: x, False)})
         receive, send, dispatch = c.receive_waiting, c.send_frame, dispatcher.dispatch
         hurry = collections.deque()  # the pool's backlog, as Dispatcher.serve asks it
-        request = encode_frame(0, ("echo", 1))[0]
+        request = encode_frame(0, ("echo", value))[0]
         for _ in range(n):
             client_end.sendall(request)
             frame = receive(hurry)
@@ -139,7 +191,7 @@ def run(operation: str, n: int) -> None:
         raise SystemExit(f"unknown operation {operation!r}; choose from {', '.join(OPERATIONS)}")
 
 
-def count(operation: str, n: int) -> int:
+def count(operation: str, n: int, types: int) -> int:
     """Instructions callgrind collects for ``n`` iterations of ``operation`` (start-up included)."""
     out = subprocess.run(
         [
@@ -151,6 +203,7 @@ def count(operation: str, n: int) -> int:
             "--loop",
             operation,
             str(n),
+            str(types),
         ],
         capture_output=True,
         text=True,
@@ -165,14 +218,19 @@ def count(operation: str, n: int) -> int:
 
 def main() -> None:
     if sys.argv[1:2] == ["--loop"]:
-        run(sys.argv[2], int(sys.argv[3]))
+        run(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
-    operations = sys.argv[1:] or list(OPERATIONS)
+    args = sys.argv[1:]
+    types = 0
+    if args[:1] == ["--types"]:
+        types, args = int(args[1]), args[2:]
+        print(f"with {types} types registered")
+    operations = args or list(OPERATIONS)
     results: dict[str, int] = {}
     for operation in operations:
-        few, many = (count(operation, n) for n in RUNS)
+        few, many = (count(operation, n, types) for n in RUNS)
         results[operation] = round((many - few) / (RUNS[1] - RUNS[0]))
         print(f"{operation:14s} {results[operation]:8,d} instructions", flush=True)
     if "floor_rt" in results and "chan_rt" in results:

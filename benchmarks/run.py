@@ -11,7 +11,8 @@ Run from the repository root:
 Workloads (see /work/shared/PERFORMANCE.md for the targets and docs/performance.md
 for the method):
 
-W1  a small call on a persistent connection, ``echo(i)``
+W1  a small call on a persistent connection, ``echo(i)``; and passrpc's
+    echo of a registered attrs instance of five fields, against its plain call
 W2  connect + authenticate + one call + close
 W3  throughput of K = 1, 4, 16 client processes, unpinned
 W4  bulk echo of 1 MiB and 8 MiB
@@ -48,6 +49,7 @@ from multiprocessing.connection import Client, Listener
 from multiprocessing.managers import BaseManager
 from typing import Any
 
+import attrs
 import msgpack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,6 +72,21 @@ from _common import (  # noqa: E402
 )
 
 import passrpc  # noqa: E402
+
+
+@passrpc.register_type(code=100)
+@attrs.frozen
+class Order:
+    """W1's registered value: five fields of four kinds (forked servers inherit the registration)."""
+
+    id: int
+    customer: str
+    amount: float
+    paid: bool
+    note: str
+
+
+ORDER = Order(12345, "Joe Dalton", 99.5, True, "deliver to the saloon")
 
 DOC = os.path.join(ROOT, "docs", "performance.md")
 CHART = os.path.join(ROOT, "docs", "performance.png")
@@ -431,6 +448,17 @@ def w1_passrpc(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
     return proxy.echo  # type: ignore[no-any-return]
 
 
+def w1_passrpc_attrs(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
+    proxy = _passrpc_server(stack, d, cpu, name="attrs").proxy()
+    stack.callback(proxy.close)
+    echo = proxy.echo
+
+    def call(i: int) -> Any:
+        return echo(ORDER)
+
+    return call
+
+
 def w1_mp_connection(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
     path, key = os.path.join(d, "mpc.sock"), os.urandom(32)
     _forked(stack, "multiprocessing.connection", _serve_mp_connection, path, key, False, cpu=cpu)
@@ -710,6 +738,12 @@ def run_w1(run: Run, s: Settings) -> None:
         ("floor", "floor: raw socket + msgpack", w1_floor, None),
         ("channel", "passrpc Channel ping-pong", w1_channel, "floor"),
         ("passrpc", "passrpc proxy", w1_passrpc, "floor"),
+        (
+            "passrpc_attrs",
+            "passrpc proxy, a registered attrs value (5 fields)",
+            w1_passrpc_attrs,
+            "passrpc",
+        ),
         ("mp_connection", "multiprocessing.connection", w1_mp_connection, "floor"),
         ("managers", "multiprocessing.managers proxy", w1_managers, "floor"),
     ]

@@ -1,17 +1,23 @@
 """Passenger's real use: a preloader that forks workers with the application already loaded.
 
-Passenger's spawn server imported an application once, in
-``initialize_server``, and then forked a worker per request: each worker
-starts with the application in memory (shared copy-on-write) instead of
-loading it again. The caller gets back a socket connected to its worker and
-talks to the worker directly; the preloader is not in the way.
+Passenger's spawn server imported an application once and then forked a
+worker per request: each worker starts with the application in memory
+(shared copy-on-write) instead of loading it again. The caller gets back a
+socket connected to its worker and talks to the worker directly; the
+preloader is not in the way.
+
+A handler must not fork by itself: the server runs a thread per client, and
+a fork copies any lock another thread holds at that instant, locked for
+good (docs/server.md, "Forking workers"). So the forks come from the
+server's fork server: a process forked before the server started any
+thread, which runs :meth:`Preloader.preload` once and then forks the worker
+each ``fork_worker`` call asks for. It also reaps the workers and tells the
+server how each one ended.
 
 Here the "application" is the stdlib module :mod:`decimal`, and a worker
 speaks a tiny protocol of passrpc messages on its socket:
-``("divide", a, b)`` answers the quotient as a string, ``("whoami",)`` its pid
-and parent pid; end of file ends the worker. The preloader reaps its workers
-without SIGCHLD: with ``os.waitpid(WNOHANG)`` on every request, and in
-``finalize_server`` it terminates the ones still running and reaps them all.
+``("divide", a, b)`` answers the quotient as a string, ``("whoami",)`` its
+pid and parent pid (the fork server's); end of file ends the worker.
 
 Run it with ``python examples/preloader.py`` (or ``python -m examples.preloader``),
 or serve it with ``python -m passrpc examples.preloader:server``.
@@ -19,17 +25,12 @@ or serve it with ``python -m passrpc examples.preloader:server``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
-import signal
-import socket
 import threading
 import time
-import warnings
 from types import ModuleType
-from typing import NoReturn
 
 import passrpc
 
@@ -40,114 +41,68 @@ PRELOAD = "decimal"
 
 
 class Preloader(passrpc.Server):
-    """A server that preloads :data:`PRELOAD` and forks a worker per ``spawn_worker`` call."""
+    """A server whose fork server preloads :data:`PRELOAD`; ``spawn_worker`` forks a worker."""
 
     def __init__(self, module: str = PRELOAD) -> None:
         super().__init__()
         self.module_name = module
         self.app: ModuleType | None = None
-        self._workers: set[int] = set()
+        self._workers: dict[int, passrpc.Worker] = {}
         self._workers_lock = threading.Lock()
 
-    def initialize_server(self) -> None:
-        """Load the application once, in the server process, before any client comes."""
-        super().initialize_server()
+    def preload(self) -> None:
+        """Load the application once, in the fork server, before it forks any worker."""
+        super().preload()
         started = time.perf_counter()
         self.app = importlib.import_module(self.module_name)
         logger.info(
             "preloaded %s in %.1f ms", self.module_name, (time.perf_counter() - started) * 1e3
         )
-        # Python 3.12+ warns about fork() in a process with threads, since the
-        # child may inherit a lock another thread held. The worker below uses
-        # nothing but its socket and the preloaded module, and leaves with
-        # os._exit, so it is safe here (Passenger's spawn server did the same).
-        warnings.filterwarnings(
-            "ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning
-        )
 
-    def finalize_server(self) -> None:
-        """Terminate the workers still running, and reap every one, before the server exits."""
-        with self._workers_lock:
-            workers, self._workers = self._workers, set()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in workers:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        super().finalize_server()
-
-    def _reap(self) -> None:
-        """Collect the workers that have exited, without blocking (no SIGCHLD handler needed)."""
-        with self._workers_lock:
-            for pid in list(self._workers):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    self._workers.discard(pid)
+    @passrpc.worker()
+    def calculator(self, channel: passrpc.Channel) -> None:
+        """The worker: answer ``divide`` and ``whoami`` on ``channel`` until end of file."""
+        app = self.app
+        assert app is not None  # preloaded: the worker is a fork of the fork server
+        while True:
+            try:
+                command, *args = channel.read()
+            except passrpc.ConnectionClosed:
+                return  # exit status 0
+            if command == "divide":
+                app.getcontext().prec = 30
+                channel.write(str(app.Decimal(args[0]) / app.Decimal(args[1])))
+            elif command == "whoami":
+                channel.write(os.getpid(), os.getppid())
+            else:
+                channel.write(f"unknown command {command!r}")
 
     @passrpc.handler("spawn_worker", raw=True)
     def spawn_worker(self, channel: passrpc.Channel) -> None:
-        """Fork a worker that has the application loaded; reply with a socket to it and its pid."""
-        self._reap()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with self._workers_lock:  # so that _reap never sees a pid before it is ours
-            pid = os.fork()
-            if pid == 0:
-                ours.close()
-                _worker(theirs, self.app)
-            self._workers.add(pid)
-        theirs.close()
-        with ours:  # the caller gets its own copy; the server's closes at once
-            channel.write(ours, pid)
-
-    @passrpc.handler("workers")
-    def workers(self) -> list[int]:
-        """Return the pids of the workers still running."""
-        self._reap()
+        """Have a worker forked; reply with a socket connected to it, and its pid."""
+        worker = self.fork_worker(self.calculator)
         with self._workers_lock:
-            return sorted(self._workers)
+            self._workers[worker.pid] = worker
+        with worker:  # the caller gets its own copy of the socket; ours closes at once
+            channel.write(worker.channel, worker.pid)
 
-
-def _worker(sock: socket.socket, app: ModuleType | None) -> NoReturn:
-    """Serve the worker protocol on ``sock`` until end of file; never returns."""
-    code = 1
-    try:
-        # The worker inherited the server's descriptors, its clients'
-        # connections among them: drop them all, or a client would not see
-        # the server close its connection while this worker lives.
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        assert app is not None
-        with passrpc.Channel(sock) as channel:
-            while True:
-                try:
-                    command, *args = channel.read()
-                except passrpc.ConnectionClosed:
-                    break
-                if command == "divide":
-                    app.getcontext().prec = 30
-                    channel.write(str(app.Decimal(args[0]) / app.Decimal(args[1])))
-                elif command == "whoami":
-                    channel.write(os.getpid(), os.getppid())
-                else:
-                    channel.write(f"unknown command {command!r}")
-        code = 0
-    finally:
-        os._exit(code)
+    @passrpc.handler("wait_worker")
+    def wait_worker(self, pid: int, timeout: float = 10.0) -> int:
+        """Wait for worker ``pid`` to end; return its exit status, as the fork server reported it."""
+        with self._workers_lock:
+            worker = self._workers.pop(pid, None)
+        if worker is None:
+            raise LookupError(
+                f"no worker {pid} from spawn_worker to wait for (or waited for already)"
+            )
+        return worker.wait(timeout)
 
 
 server = Preloader()
 
 
 def main() -> None:
-    """Start the preloader, get two workers, talk to each directly, stop it."""
+    """Start the preloader, get two workers, talk to each directly, see them end, stop it."""
     server.start()
     pids = []
     try:
@@ -162,10 +117,17 @@ def main() -> None:
                     worker_pid, parent = worker.read()
                     worker.write("divide", a, b)
                     (quotient,) = worker.read()
-                assert (worker_pid, parent) == (pid, server.pid)
-                print(f"worker {pid}, forked by the preloader {parent}: {a}/{b} = {quotient}")
+                assert worker_pid == pid
+                assert parent != server.pid
+                print(
+                    f"worker {pid}, forked by the fork server {parent} "
+                    f"of server {server.pid}: {a}/{b} = {quotient}"
+                )
+                # We closed our socket: the worker reads end of file and exits.
+                status = proxy.wait_worker(pid)
+                print(f"worker {pid} exited with status {status}, reaped by the fork server")
     finally:
-        server.stop()  # finalize_server reaps every worker before the server exits
+        server.stop()  # the fork server ends with the server, and any worker still running
     gone = all(not os.path.exists(f"/proc/{pid}") for pid in pids)
     print(f"{len(pids)} workers served and reaped: {gone}")
 

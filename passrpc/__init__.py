@@ -15,6 +15,7 @@ from ._errors import (
     AuthenticationError,
     ConfigurationError,
     ConnectionClosed,
+    DecodeError,
     EncodeError,
     Error,
     FrameTooLarge,
@@ -27,12 +28,15 @@ from ._errors import (
     TargetError,
     Timeout,
     UnknownMessage,
+    WorkerError,
 )
 from ._fd import FileDescriptor
 from ._protocol import HandlerStatistics, ServerStatus
-from ._registry import handler, on_signal
+from ._registry import handler, on_signal, worker
 from ._server import Server
+from ._types import TypeRegistry, register_error, register_type
 from ._wire import PROTOCOL_VERSION, Limits
+from ._workers import Worker
 
 __version__ = "0.1.0"
 
@@ -44,6 +48,7 @@ __all__ = [
     "CollectionStatistics",
     "ConfigurationError",
     "ConnectionClosed",
+    "DecodeError",
     "EncodeError",
     "Error",
     "FileDescriptor",
@@ -63,12 +68,18 @@ __all__ = [
     "StartError",
     "TargetError",
     "Timeout",
+    "TypeRegistry",
     "UnknownMessage",
+    "Worker",
+    "WorkerError",
     "connect",
     "current_peer",
     "handler",
     "on_signal",
+    "register_error",
+    "register_type",
     "server_status",
+    "worker",
 ]
 
 

@@ -26,7 +26,8 @@ from ._decoder import Decoder
 from ._errors import AuthenticationError, ConnectionClosed, ProtocolError
 from ._handshake import HANDSHAKE_MAX_FRAME, ClientHandshake, handshake_payload, refusal
 from ._protocol import HANDSHAKE, MESSAGE, OutOfStep, message_values
-from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions, wire_options
 
 _NOSIGNAL = socket.MSG_NOSIGNAL
 _CLOEXEC = socket.MSG_CMSG_CLOEXEC
@@ -104,8 +105,10 @@ class AsyncChannel(SocketEnd, AsyncClosing):
         sock: a connected ``AF_UNIX`` ``SOCK_STREAM`` socket; the channel owns it
             and makes it non-blocking.
         limits: what the peer may send (:class:`passrpc.Limits`).
+        types: the :class:`passrpc.TypeRegistry` of the classes that travel;
+            None for the default one.
         wire: every wire option at once, for passrpc's own layers (it
-            overrides ``limits``).
+            overrides ``limits`` and ``types``).
     """
 
     def __init__(
@@ -113,14 +116,17 @@ class AsyncChannel(SocketEnd, AsyncClosing):
         sock: socket.socket,
         *,
         limits: Limits = DEFAULT_LIMITS,
+        types: TypeRegistry | None = None,
         wire: WireOptions | None = None,
     ) -> None:
         if wire is None:
-            wire = WireOptions(limits)
+            wire = wire_options(limits, types)
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
         self._max_fds = max_fds = wire.limits.max_fds
+        #: The :class:`passrpc.TypeRegistry` this channel encodes and decodes with.
+        self.types = wire.types
         self._encoder = Encoder(wire)
         self._decoder = Decoder(wire)
         self._ancbufsize = socket.CMSG_SPACE(max_fds * 4) if max_fds else 0
@@ -152,11 +158,13 @@ class AsyncChannel(SocketEnd, AsyncClosing):
             ConnectionClosed: the peer closed the connection (or it broke).
             RemoteError, UnknownMessage, AuthenticationError: the peer sent an
                 error frame instead of a message.
+            DecodeError: the message holds a value that cannot be rebuilt; it
+                was skipped, and the channel stays usable.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
         kind, payload = await self.receive_frame(None)
         try:
-            return message_values(kind, payload)
+            return message_values(kind, payload, self.types)
         except OutOfStep:
             self.close()
             raise

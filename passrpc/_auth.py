@@ -65,19 +65,22 @@ def server_handshake(
     key: bytes,
     allowed_uids: Collection[int],
     timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    peer: Peer | None = None,
 ) -> Peer:
     """Run the server's side on a freshly accepted channel and return the peer.
 
     ``timeout`` bounds the whole handshake, however slowly the client
     trickles its bytes in. On refusal the client gets an ERROR frame saying
     why (as far as that does not help an attacker) before the exception
-    reaches the caller.
+    reaches the caller. ``peer`` saves asking the kernel again when the
+    caller already has it.
 
     Raises:
         AuthenticationError, ProtocolError, ConnectionClosed, Timeout.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    peer = channel.peer
+    if peer is None:
+        peer = channel.peer
     try:
         check_uid(peer, allowed_uids, "client")
         steps = ServerHandshake(key)
@@ -99,6 +102,8 @@ def server_handshake(
         except (ConnectionClosed, Timeout):
             pass
         raise
+    except Timeout as exc:  # the channel's message names what was left of the bound
+        raise Timeout(f"the client did not finish the handshake within {timeout} s") from exc
     return peer
 
 

@@ -19,7 +19,8 @@ from ._decoder import Decoder
 from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError, Timeout
 from ._fd import FileDescriptor
 from ._protocol import OutOfStep, message_values
-from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Kind, Limits, WireOptions
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Kind, Limits, WireOptions, wire_options
 
 _MESSAGE = int(Kind.MESSAGE)
 # Plain ints: the socket module's flags are enums, and enum arithmetic is slow
@@ -118,16 +119,19 @@ class Channel(SocketEnd):
     ``write(*values)`` sends one message; ``read()`` returns the next one as a
     tuple of values. Objects with ``fileno()`` in an outgoing message travel
     as descriptors (the peer gets a copy; yours stay open); received ones come
-    back as :class:`FileDescriptor`. An error frame from the peer is raised
-    by ``read()`` as the matching :class:`Error`. A channel is for one thread
-    at a time; ``close()`` may come from any.
+    back as :class:`FileDescriptor`. Instances of registered classes travel
+    as themselves (:func:`passrpc.register_type`). An error frame from the
+    peer is raised by ``read()`` as the matching :class:`Error`. A channel is
+    for one thread at a time; ``close()`` may come from any.
 
     Args:
         sock: a connected ``AF_UNIX`` ``SOCK_STREAM`` socket; the channel owns it.
         timeout: seconds a read or write may block, or None to wait forever.
         limits: what the peer may send (:class:`Limits`).
+        types: the :class:`TypeRegistry` of the classes that travel; None for
+            the default one (what :func:`passrpc.register_type` fills).
         wire: every wire option at once, for passrpc's own layers (it
-            overrides ``limits``).
+            overrides ``limits`` and ``types``).
     """
 
     def __init__(
@@ -136,12 +140,15 @@ class Channel(SocketEnd):
         *,
         timeout: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        types: TypeRegistry | None = None,
         wire: WireOptions | None = None,
     ) -> None:
         if wire is None:
-            wire = WireOptions(limits)
+            wire = wire_options(limits, types)
         self._sock = sock
         self._wire = wire
+        #: The :class:`TypeRegistry` this channel encodes and decodes with.
+        self.types = wire.types
         self._max_fds = max_fds = wire.limits.max_fds
         self._encoder = Encoder(wire)
         self._decoder = Decoder(wire)
@@ -156,11 +163,15 @@ class Channel(SocketEnd):
 
     @classmethod
     def pair(
-        cls, *, timeout: float | None = None, limits: Limits = DEFAULT_LIMITS
+        cls,
+        *,
+        timeout: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        types: TypeRegistry | None = None,
     ) -> tuple[Channel, Channel]:
         """Return two channels joined by a fresh ``socketpair()``: handy for a forked child."""
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        wire = WireOptions(limits)
+        wire = wire_options(limits, types)
         return cls(a, timeout=timeout, wire=wire), cls(b, timeout=timeout, wire=wire)
 
     @property
@@ -196,13 +207,15 @@ class Channel(SocketEnd):
                 request and reply, use :meth:`call`, which never mixes them up.
             RemoteError, UnknownMessage, AuthenticationError: the peer sent an
                 error frame instead of a message.
+            DecodeError: the message holds a value that cannot be rebuilt; it
+                was skipped, and the channel stays usable.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
         kind, payload = self.receive_frame()
         if kind == _MESSAGE and type(payload) is list:
             return tuple(payload)
         try:
-            return message_values(kind, payload)
+            return message_values(kind, payload, self.types)
         except OutOfStep:
             self.close()
             raise

@@ -314,9 +314,12 @@ def _add_call(commands: _Subcommands) -> None:
         description=(
             "Call handler NAME with ARGS and print the reply as one JSON value (several "
             "returned values make a JSON array). Each ARG is parsed as JSON where it parses, "
-            "else taken as a string: 3 is a number, '\"3\"' a string, Joe a string. Bytes "
-            'print as {"$bytes": BASE64}, file descriptors as {"$fd": N}. A remote error '
-            "goes to stderr with exit status 1. Put -- before ARGS that start with '-'."
+            "else taken as a string: 3 is a number, '\"3\"' a string, Joe a string; "
+            '{"$bytes": BASE64} is bytes and {"$ext": [CODE, BASE64]} a msgpack extension '
+            "value. In the reply, bytes print as {\"$bytes\": BASE64}, extension values this "
+            'process cannot decode as {"$ext": [CODE, BASE64]}, datetimes as ISO 8601 text, '
+            'file descriptors as {"$fd": N}. A remote error goes to stderr with exit status '
+            "1. Put -- before ARGS that start with '-'."
         ),
     )
     add_client_options(call)

@@ -10,7 +10,6 @@ its password (``--password-file``, ``$PASSRPC_PASSWORD``, or the file
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -25,8 +24,8 @@ import attrs
 from ._auth import PASSWORD_SUFFIX, read_password_file
 from ._channel import Channel
 from ._client import Proxy, connect, server_status
+from ._clivalues import ValueSyntaxError, close_fds, jsonable, parse_value
 from ._errors import AuthenticationError, ConfigurationError, ConnectionClosed, RemoteError
-from ._fd import FileDescriptor
 
 #: The environment variable that carries the password to every subcommand.
 PASSWORD_ENV = "PASSRPC_PASSWORD"  # noqa: S105 (a variable name, not a password)
@@ -135,60 +134,17 @@ def _connect(args: argparse.Namespace) -> Proxy:
     return _reach(args, lambda path, password, timeout: connect(path, password=password, timeout=timeout))
 
 
-def _parse_value(text: str) -> Any:
-    """JSON where the text is JSON, else the text itself as a string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _jsonable(value: Any, fds: list[int]) -> Any:
-    """Turn a reply into values ``json`` can write (see docs/cli.md, "Output")."""
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item, fds) for item in value]
-    if isinstance(value, dict):
-        return {
-            key
-            if isinstance(key, (str, int, float, bool)) or key is None
-            else json.dumps(_jsonable(key, fds)): _jsonable(item, fds)
-            for key, item in value.items()
-        }
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, FileDescriptor):
-        number = value.fileno()
-        fds.append(number)
-        return {"$fd": number}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    code = getattr(value, "code", None)
-    data = getattr(value, "data", None)
-    if isinstance(code, int) and isinstance(data, bytes):  # a msgpack ExtType
-        return {"$ext": code, "$bytes": base64.b64encode(data).decode("ascii")}
-    return {"$repr": repr(value)}
-
-
-def _close_fds(value: Any) -> None:
-    if isinstance(value, FileDescriptor):
-        value.close()
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _close_fds(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _close_fds(key)
-            _close_fds(item)
-
-
 def run_call(args: argparse.Namespace) -> int:
-    positional = [_parse_value(text) for text in args.args]
-    keywords: dict[str, Any] = {}
-    for item in args.kwarg:
-        name, sep, text = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise UsageError(f"-k takes NAME=VALUE, got {item!r}")
-        keywords[name] = _parse_value(text)
+    try:
+        positional = [parse_value(text) for text in args.args]
+        keywords: dict[str, Any] = {}
+        for item in args.kwarg:
+            name, sep, text = item.partition("=")
+            if not sep or not name.isidentifier():
+                raise UsageError(f"-k takes NAME=VALUE, got {item!r}")
+            keywords[name] = parse_value(text)
+    except ValueSyntaxError as exc:
+        raise UsageError(str(exc)) from exc
     with _connect(args) as proxy:
         try:
             reply = proxy.call(args.name, *positional, **keywords)
@@ -202,10 +158,10 @@ def run_call(args: argparse.Namespace) -> int:
     fds: list[int] = []
     try:
         text = json.dumps(
-            _jsonable(reply, fds), ensure_ascii=False, indent=args.indent, sort_keys=False
+            jsonable(reply, fds), ensure_ascii=False, indent=args.indent, sort_keys=False
         )
     finally:
-        _close_fds(reply)
+        close_fds(reply)
     print(text)
     if fds:
         print(

@@ -17,12 +17,13 @@ from typing import Any
 
 from ._auth import find_password, open_channel
 from ._channel import Channel
-from ._clientcore import UNSET, ProxyBase, generation, make_proxy_class
-from ._errors import ConnectionClosed, EncodeError
+from ._clientcore import UNSET, ProxyBase, check_type_names, generation, make_proxy_class
+from ._errors import ConnectionClosed, DecodeError, EncodeError
 from ._handshake import password_key
 from ._protocol import (
     CALL,
     DESCRIBE,
+    DESCRIBE_TYPES,
     MESSAGE,
     STATUS,
     OutOfStep,
@@ -32,7 +33,8 @@ from ._protocol import (
     reply_result,
     request,
 )
-from ._wire import DEFAULT_LIMITS, Limits, WireOptions
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Limits, WireOptions, wire_options
 
 
 class _Connection:
@@ -72,7 +74,8 @@ class Proxy(ProxyBase):
     docstring; ``dir(proxy)`` lists them, and an unknown name raises
     ``AttributeError`` before any I/O. A call returns the handler's single
     value, or a tuple when it returned several; a handler's exception is
-    raised as :class:`RemoteError`. Each thread gets its own connection,
+    raised as :class:`RemoteError`, also an instance of its nearest builtin
+    (or registered) class. Each thread gets its own connection,
     kept across calls and opened again if the server closed it while idle
     (a call that may have run is never sent twice); a forked child opens its
     own. Handlers whose names clash with the proxy's own methods, or are not
@@ -89,13 +92,14 @@ class Proxy(ProxyBase):
         timeout: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
         server_uids: Collection[int] | None = None,
+        types: TypeRegistry | None = None,
         wire: WireOptions | None = None,
     ) -> None:
         super().__init__(
             socket_path,
             password,
             timeout=timeout,
-            wire=WireOptions(limits) if wire is None else wire,
+            wire=wire_options(limits, types) if wire is None else wire,
             server_uids=server_uids,
         )
         self._local = _PerThread()
@@ -165,16 +169,23 @@ class Proxy(ProxyBase):
                     channel.timeout = timeout
                 channel.send_frame(kind, payload)
             kind, reply = channel.receive_frame()
-        except EncodeError:
-            raise  # nothing was sent: the connection is still in step
+        except (EncodeError, DecodeError):
+            # Nothing was sent, or the reply was read whole (and skipped): the
+            # connection is still in step.
+            raise
         except BaseException:
             self._drop()  # a late reply must never answer the next call
             raise
         finally:
             if timeout is not UNSET and not channel.closed:
                 channel.timeout = self._timeout
+        # protocol.reply_result's common case, inlined as protocol.request is.
+        if kind == MESSAGE and type(reply) is list:
+            return reply[0] if len(reply) == 1 else tuple(reply)
         try:
-            return reply_result(kind, reply)
+            # The channel's registry, not the proxy's: an attribute of a class
+            # with __getattr__ (the proxy) is looked up the slow way.
+            return reply_result(kind, reply, channel.types)
         except OutOfStep:
             self._drop()  # not a reply: the connection is out of step
             raise
@@ -227,6 +238,7 @@ def connect(
     timeout: float | None = None,
     limits: Limits = DEFAULT_LIMITS,
     server_uids: Collection[int] | None = None,
+    types: TypeRegistry | None = None,
 ) -> Proxy:
     """Connect to a passrpc server and return a proxy of its handlers.
 
@@ -234,7 +246,10 @@ def connect(
     server itself, so this works in a process that has no :class:`Server`.
     With neither ``password`` nor ``password_file``, the password is read
     from ``SOCKET.password`` (as ``python -m passrpc serve`` writes it) if
-    that is a regular file of yours with mode 0600.
+    that is a regular file of yours with mode 0600. When this side has
+    registered types, it also asks the server for its own, and logs a
+    warning (once per process) for each extension code the two sides give to
+    differently named classes.
 
     Args:
         socket_path: the server's socket.
@@ -246,6 +261,8 @@ def connect(
         limits: what the server may send (:class:`Limits`).
         server_uids: the uids the server may run as; None means this
             process's own uid or root, so a stranger's socket is refused.
+        types: the :class:`TypeRegistry` of the classes that travel; None
+            for the default one (what :func:`passrpc.register_type` fills).
 
     Raises:
         ConfigurationError: no password to be had (the message says why).
@@ -258,21 +275,32 @@ def connect(
     """
     path = os.fspath(socket_path)
     password = find_password(path, password, password_file)
-    wire = WireOptions(limits)
+    wire = wire_options(limits, types)
     channel = open_channel(
         path, password_key(password), timeout=timeout, wire=wire, server_uids=server_uids
     )
     try:
-        channel.send_frame(DESCRIBE, None)
-        described = parse_described(*channel.receive_frame())
-        proxy = proxy_class(described)(
-            path, password, timeout=timeout, wire=wire, server_uids=server_uids
-        )
+        cls = _describe(channel, path, wire)
+        proxy = cls(path, password, timeout=timeout, wire=wire, server_uids=server_uids)
     except BaseException:
         channel.close()
         raise
     proxy._adopt(channel)
     return proxy
+
+
+def _describe(channel: Channel, path: str, wire: WireOptions) -> type[Proxy]:
+    """Ask the server for its handlers (and types, if this side has some); make the class."""
+    local = wire.types.names()
+    channel.send_frame(DESCRIBE, None)
+    if local:  # two requests, one wait: the server answers in order
+        channel.send_frame(DESCRIBE, DESCRIBE_TYPES)
+    cls = proxy_class(parse_described(*channel.receive_frame(), wire.types))
+    if local:
+        kind, names = channel.receive_frame()
+        if kind == DESCRIBE:
+            check_type_names(path, local, names)
+    return cls
 
 
 def server_status(

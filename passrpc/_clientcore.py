@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import logging
 import os
 from collections.abc import Callable, Collection
 from typing import Any, ClassVar, TypeVar
 
 from ._handshake import password_key
 from ._protocol import Route, described_by_name, route
+from ._types import type_name_mismatches
 from ._wire import WireOptions
+
+logger = logging.getLogger("passrpc")
 
 # Bumped in every forked child, so a proxy notices, at no cost per call, that
 # the connection it holds is its parent's and opens its own.
@@ -195,6 +199,30 @@ def _method(base: type[ProxyBase], name: str, info: dict[str, Any]) -> Callable[
     if signature is not None:
         method.__signature__ = signature  # type: ignore[union-attr]
     return method
+
+
+# Mismatches already reported: each is logged once per process, not per connect.
+_reported: set[tuple[int, str, str]] = set()
+
+
+def check_type_names(path: str, local: dict[int, str], remote: object) -> None:
+    """Log a warning, once per process for each, for codes the server names another class.
+
+    ``local`` is this side's registry's ``names()``, ``remote`` the server's
+    answer to DESCRIBE "types" (an older server's handler list is ignored).
+    """
+    new = [found for found in type_name_mismatches(local, remote) if found not in _reported]
+    if not new:
+        return
+    _reported.update(new)
+    listed = "; ".join(f"code {code} is {ours} here, {theirs} there" for code, ours, theirs in new)
+    logger.warning(
+        "the server at %s registered other classes under the same extension codes (%s): "
+        "such values arrive as the receiver's class, or fail to decode; register the same "
+        "class under the same code on both sides",
+        path,
+        listed,
+    )
 
 
 _P = TypeVar("_P", bound=ProxyBase)

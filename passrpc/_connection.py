@@ -161,8 +161,8 @@ class ServerConnection:
         Raises:
             AuthenticationError: another protocol version or a wrong proof
                 (the client was told why).
-            ProtocolError, ConnectionClosed: a malformed step, or a client gone.
-            Timeout: the poller found the handshake's time up meanwhile.
+            ProtocolError, ConnectionClosed: a malformed step, or a client gone
+                (or, if :attr:`expired`, the poller ended the wait: time is up).
         """
         channel = self.channel
         steps = self._steps
@@ -186,10 +186,6 @@ class ServerConnection:
                     return True
         except AuthenticationError as exc:
             self._refuse(exc)
-            raise
-        except ConnectionClosed:
-            if self.expired:
-                raise Timeout("the handshake took longer than its time bound") from None
             raise
         channel.release_buffer()
         return False
@@ -291,6 +287,10 @@ class Deadlines:
                     entry = (conn.deadline, next(self._order), weakref.ref(conn))
                     heapq.heappush(self._idle, entry)
             conn.state = PARKED  # before it is armed: the poller queues only parked ones
+
+    def late(self) -> Timeout:
+        """What a handshake that ran out of time is refused with."""
+        return Timeout(f"the client did not finish the handshake within {self.handshake_timeout} s")
 
     def wait(self) -> float:
         """Seconds until something may come due (math.inf: nothing can)."""

@@ -7,18 +7,25 @@ hands over the descriptors that came with the bytes, and asks for frames
 (:meth:`Decoder.next_frame`). The common case, one whole message per read,
 takes a fast path that decodes it with one ``struct`` call and one
 ``msgpack.unpackb``.
+
+Extension values are decoded wherever they are: descriptor placeholders
+become the descriptors received, msgpack's Timestamp a ``datetime`` in UTC,
+and the codes of the registry (:class:`~passrpc._types.TypeRegistry`) their
+classes. A value that cannot be rebuilt (a registered ``decode`` that fails,
+a map key that cannot be a dict key) spoils only its own frame: the frame is
+skipped whole and :class:`DecodeError` raised, and the stream stays in step.
 """
 
 from __future__ import annotations
 
 import struct
-from collections import deque
-from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
-from ._errors import FrameTooLarge, ProtocolError
+from ._errors import DecodeError, ProtocolError
+from ._framebuffer import INITIAL_BUFFER, Descriptor, FrameBuffer
+from ._types import MAX_TYPE_NESTING, RegisteredType, TypeRegistry
 from ._wire import (
     DEFAULT_WIRE,
     FD_EXT_CODE,
@@ -28,6 +35,7 @@ from ._wire import (
     Limits,
     WireOptions,
     describe_value,
+    frame_head,
 )
 
 _HEADER = struct.Struct(">I")
@@ -37,18 +45,6 @@ _unpack_start = struct.Struct(">II").unpack_from
 _unpackb = msgpack.unpackb
 _MESSAGE = int(Kind.MESSAGE)
 
-#: Receive buffer a decoder starts with: one read takes in many small frames.
-_INITIAL_BUFFER = 16 * 1024
-
-#: The first step a receive buffer grows by for a large frame; after it, it
-#: doubles (see Decoder.get_buffer).
-_GROWTH_STEP = 1024 * 1024
-
-#: A buffer grown for a large frame is kept up to this size, so that repeated
-#: large messages reuse memory instead of faulting in fresh pages each time
-#: (see docs/performance.md); a larger one is dropped once its frame is read.
-_RETAIN_BUFFER = 16 * 1024 * 1024
-
 #: The first three body bytes of a message, as the top bytes of a 32-bit
 #: word: [MESSAGE, nfds, ...] packs as 0x93, 0x00, nfds while nfds < 128.
 _MESSAGE_WORD = 0x9300
@@ -56,6 +52,73 @@ _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
 _PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
+# Every unpackb below passes timestamp=3: msgpack's Timestamp becomes a
+# timezone-aware datetime in UTC. A literal, not a named constant: looking a
+# global up costs a frame about a hundred instructions (benchmarks/instructions.py).
+
+
+class _Undecodable(Exception):
+    """A registered value could not be rebuilt; raised through msgpack to the decoder."""
+
+
+#: What a value that cannot be rebuilt raises out of msgpack: our hook's
+#: refusal, a map key that is not hashable (TypeError), a timestamp out of
+#: datetime's range (OverflowError). Its frame is skipped, not the stream broken.
+_VALUE_FAILURES = (_Undecodable, TypeError, OverflowError)
+
+
+class _Registered:
+    """How a decoder rebuilds the extension values of registered codes.
+
+    ``hook`` is the decoder's own extension hook, so that a registered
+    value's data may hold placeholders, datetimes and registered values.
+    """
+
+    def __init__(self, types: TypeRegistry, hook: Any) -> None:
+        self.types = types
+        # The registry's own dict: a code registered later decodes at once.
+        self.decoders: dict[int, RegisteredType] = types.by_code
+        self.hook = hook
+        self.options: dict[str, Any] = {}  # msgpack's limits, as the decoder's
+        self.nesting = 0  # registered values being decoded inside one another
+        #: Whether a frame that cannot be rebuilt is skipped (True) or breaks
+        #: the stream: off, with the registry, until the peer authenticated.
+        self.on = True
+
+    def enable(self, on: bool) -> None:
+        """Decode registered codes (on), or leave every code an ExtType (off)."""
+        self.decoders = self.types.by_code if on else {}
+        self.on = on
+
+    def rebuild(self, code: int, data: bytes) -> object:
+        """The value of extension ``code``: a registered class's instance, else an ExtType.
+
+        Raises:
+            _Undecodable: a registered value failed; its frame is skipped.
+        """
+        entry = self.decoders.get(code)
+        if entry is None:
+            return any_ext(code, data)  # not registered here: as it came
+        if self.nesting >= MAX_TYPE_NESTING:
+            raise _Undecodable(f"registered values nest more than {MAX_TYPE_NESTING} deep")
+        self.nesting += 1
+        try:
+            if self.options:
+                value = _unpackb(
+                    data, ext_hook=self.hook, timestamp=3, strict_map_key=False, **self.options
+                )
+            else:  # no ** call: it costs msgpack's argument parser a dict of its own
+                value = _unpackb(data, ext_hook=self.hook, timestamp=3, strict_map_key=False)
+            return entry.decode(value)
+        except _Undecodable:
+            raise
+        except Exception as exc:
+            raise _Undecodable(
+                f"extension type {entry.code} ({entry.name}) could not be decoded: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self.nesting -= 1
 
 
 def any_ext(code: int, data: bytes) -> msgpack.ExtType:
@@ -70,20 +133,7 @@ def any_ext(code: int, data: bytes) -> msgpack.ExtType:
     return tuple.__new__(msgpack.ExtType, (code, data))  # ExtType's own check wants 0..127
 
 
-class Descriptor(Protocol):
-    """What the decoder needs of a received descriptor object: it can close it."""
-
-    def close(self) -> None: ...
-
-
-class Budget(Protocol):
-    """A count shared by many decoders: descriptors waiting for their frame, process-wide."""
-
-    def take(self, count: int) -> bool: ...
-    def give(self, count: int) -> None: ...
-
-
-class Decoder:
+class Decoder(FrameBuffer):
     """Turns received bytes and descriptors into whole frames, incrementally.
 
     Feed it with :meth:`receive_data`, or read straight into its buffer with
@@ -94,24 +144,10 @@ class Decoder:
     """
 
     def __init__(self, wire: WireOptions = DEFAULT_WIRE) -> None:
-        self._buf = bytearray(_INITIAL_BUFFER)
-        #: The buffer, as a view. Channel.receive_frame reads ``view`` and
-        #: ``end`` on every message (a method call would cost more than the
-        #: rest of its check): ``end`` is 0 exactly when nothing is buffered,
-        #: and ``view`` is then the whole buffer to read into. Keep that true.
-        self.view = memoryview(self._buf)
-        self._start = 0  # first byte not yet consumed
-        self.end = 0  # end of the bytes received
-        self._offset = 0  # stream offset of self._start, for error messages
-        self._fds: deque[Descriptor] = deque()
+        super().__init__()
         self._used: list[int] = []  # placeholders met in the frame being decoded
-        self._broken: ProtocolError | None = None
-        self._oversized = False  # the buffer outgrew _RETAIN_BUFFER for one frame
         self._hook = self._ext_hook  # bound once, not on every frame
-        self._refuse_fds = False  # until the peer authenticates (cap_frame_size)
-        self._fds_after_frame = False
-        self._budget: Budget | None = None
-        self._charged = 0  # descriptors charged to the budget, all waiting now
+        self._registered = _Registered(wire.types, self._hook)
         self._configure(wire.limits)
 
     def cap_frame_size(self, size: int | None, *, last_step: bool = False) -> None:
@@ -123,21 +159,16 @@ class Decoder:
         closed. With ``last_step`` (the peer's last handshake frame is
         next), descriptors are taken once that frame has arrived whole: they
         can only belong to a request sent right behind it, and the frame is
-        checked before anything else is read. None lifts both caps.
+        checked before anything else is read. Nor does it run a registered
+        ``decode`` (its codes arrive as ``msgpack.ExtType``), nor have a
+        frame skipped: one that cannot be rebuilt breaks the stream. None
+        lifts every cap.
         """
         self._max_frame = self._limits.max_frame_size if size is None else size
         self._refuse_fds = size is not None
         self._fds_after_frame = last_step
+        self._registered.enable(size is None)
         self._gate_fast_path()
-
-    def share_budget(self, budget: Budget | None) -> None:
-        """Charge descriptors that wait for the rest of their frame to ``budget`` (see :class:`Budget`).
-
-        A server gives every connection's decoder one budget, so that many
-        connections together cannot fill its descriptor table with frames
-        they never finish.
-        """
-        self._budget = budget
 
     def _configure(self, limits: Limits) -> None:
         self._limits = limits
@@ -156,6 +187,7 @@ class Decoder:
             )
             if getattr(limits, name) is not None
         }
+        self._registered.options = self._options
         self._plain = not self._options  # msgpack's defaults are our limits
         self._fast_fds = min(limits.max_fds, _FIXINT_FDS)
         self._gate_fast_path()
@@ -168,129 +200,28 @@ class Decoder:
         ok = self._plain and self._broken is None and not self._oversized
         self._fast_max = self._max_frame if ok else -1
 
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet make a whole frame (0 between frames)."""
-        return self.end - self._start
-
-    def receive_data(
-        self, data: bytes | bytearray | memoryview, fds: Iterable[Descriptor] = ()
-    ) -> None:
-        """Add bytes (and the descriptors that came with them) from the peer.
-
-        Args:
-            data: any part of the stream, however split.
-            fds: descriptor objects received with ``data``; the decoder owns
-                them from now on.
-        """
-        self._fds.extend(fds)
-        data = memoryview(data).cast("B")
-        while data:
-            free = self.get_buffer()
-            n = min(len(free), len(data))
-            free[:n] = data[:n]
-            self.end += n
-            data = data[n:]
-
-    def get_buffer(self) -> memoryview:
-        """Return free buffer space to read into; call :meth:`buffer_updated` after.
-
-        A large frame is read into one buffer, without joins. The buffer
-        grows as the frame's bytes arrive, doubling from 1 MiB up to the
-        frame's size, never to what a header merely announces: a peer that
-        sends a header and stops costs no more memory than it sent.
-
-        Raises:
-            FrameTooLarge: the pending frame's header is over the limit.
-        """
-        if self.end == 0:  # empty: the whole buffer, no slicing
-            if not self._buf:  # released (release_buffer)
-                self.reserve_buffer()
-            return self.view
-        pending = self.end - self._start
-        need = HEADER_SIZE - pending
-        if pending >= HEADER_SIZE:
-            need = HEADER_SIZE + self._frame_length() - pending
-        if len(self._buf) - self.end >= max(need, 1):
-            return self.view[self.end :]
-        size = max(pending + need, _INITIAL_BUFFER)
-        size = min(size, max(2 * len(self._buf), _GROWTH_STEP))
-        if size <= len(self._buf):
-            self._buf[:pending] = self.view[self._start : self.end]
-        else:
-            buf = bytearray(size)
-            buf[:pending] = self.view[self._start : self.end]
-            self._buf = buf
-            self.view = memoryview(buf)
-            self._oversized = size > _RETAIN_BUFFER
-            if self._oversized:
-                self._fast_max = -1  # its frame takes the general path, which drops it after
-        self._start, self.end = 0, pending
-        return self.view[pending:]
-
-    def release_buffer(self) -> None:
-        """Let go of the buffer if it holds nothing; :meth:`reserve_buffer` before reading again."""
-        if self.end == 0:
-            self._buf = bytearray()
-            self.view = memoryview(self._buf)
-
-    def reserve_buffer(self, *, fresh: bool = False) -> None:
-        """Make a receive buffer after :meth:`release_buffer` (with ``fresh``, in any case)."""
-        if fresh or not self._buf:
-            self._buf = bytearray(_INITIAL_BUFFER)
-            self.view = memoryview(self._buf)
-
-    def buffer_updated(self, nbytes: int, fds: Iterable[Descriptor] = ()) -> None:
-        """Record that ``nbytes`` were written at the start of :meth:`get_buffer`'s view.
-
-        ``fds`` are the descriptor objects that came with them; the decoder
-        owns them from now on.
-        """
-        self.end += nbytes
-        if fds:
-            self._fds.extend(fds)
-            if self._refuse_fds and not (self._fds_after_frame and self._frame_complete()):
-                raise self._fail(
-                    ProtocolError(
-                        f"the peer sent {len(self._fds)} descriptor(s) before it authenticated; "
-                        "they were closed"
-                    )
-                )
-
-    def _frame_complete(self) -> bool:
-        """Whether the frame at the start of the buffer has arrived whole."""
-        pending = self.end - self._start
-        return pending >= HEADER_SIZE and pending >= HEADER_SIZE + self._frame_length()
-
-    def _frame_length(self) -> int:
-        if self._broken is not None:
-            raise self._broken
-        (length,) = _HEADER.unpack_from(self._buf, self._start)
-        if length > self._max_frame:
-            before = " before the peer authenticated" if self._refuse_fds else ""
-            raise self._fail(
-                FrameTooLarge(
-                    f"frame at stream offset {self._offset} announces {length} bytes, over the "
-                    f"limit of {self._max_frame}{before}: the peer sent too large a message "
-                    "or is not speaking passrpc"
-                )
-            )
-        return int(length)
-
-    def _fail(self, exc: ProtocolError) -> ProtocolError:
-        self._broken = exc
-        self._start = self.end = 0  # every later call lands on the broken check
-        self._max_frame = self._fast_max = -1
-        self.close()
-        return exc
-
     def _ext_hook(self, code: int, data: bytes) -> object:
         # Each placeholder met is noted in _used, so that the frame's
         # descriptors its payload does not mention can be closed.
         if code == FD_EXT_CODE and len(data) == 1 and data[0] < len(self._fds):
             self._used.append(data[0])
             return self._fds[data[0]]
-        return _other_ext(self._fds, self._used, code, data)
+        return self._ext_hook_rest(code, data)
+
+    def _ext_hook_rest(self, code: int, data: bytes) -> object:
+        """Registered and other extension types, wide placeholders, placeholders that point nowhere."""
+        if code != FD_EXT_CODE:
+            return self._registered.rebuild(code, data)
+        if not self._fds:
+            # No descriptor waits, so this is no placeholder: as it came.
+            return any_ext(code, data)
+        if not 1 <= len(data) <= 4:
+            raise ValueError(f"a descriptor placeholder of {len(data)} bytes; it takes 1 to 4")
+        index = int.from_bytes(data, "big")
+        if index >= len(self._fds):
+            raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
+        self._used.append(index)
+        return self._fds[index]
 
     def next_frame(self, received: int = 0) -> tuple[int, Any] | None:
         """Return the next whole frame as ``(kind, payload)``, or None if more bytes are needed.
@@ -321,11 +252,12 @@ class Decoder:
                     # [0, 0, payload]: with str map keys msgpack's defaults
                     # decode it; other keys make it raise ValueError, and the
                     # general path decodes (or refuses) the frame.
+                    view = self.view[HEADER_SIZE:end]
                     try:
-                        payload = _unpackb(self.view[HEADER_SIZE:end])[2]
-                    except ValueError:
+                        payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
+                    except Exception as exc:  # one clause: a second costs every call
                         self.end = end
-                        return self._next_general(0, end, end, self.view[HEADER_SIZE:end])
+                        return self._failed(0, end, end, view, exc)
                     self._offset += end
                     self.end = 0
                     return _MESSAGE, payload
@@ -354,48 +286,12 @@ class Decoder:
         # skips the general path, as above.
         if self._plain and length >= 3 and buf.startswith(_PLAIN_MESSAGE, start + HEADER_SIZE):
             try:
-                payload = _unpackb(view)[2]
-            except ValueError:
-                pass
-            else:
-                self._consumed(start, stop, end)
-                return _MESSAGE, payload
+                payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
+            except Exception as exc:
+                return self._failed(start, stop, end, view, exc)
+            self._consumed(start, stop, end)
+            return _MESSAGE, payload
         return self._next_general(start, stop, end, view)
-
-    def _incomplete(self) -> None:
-        """Bound the descriptors that wait for the rest of their frame.
-
-        They arrived with the frame's first byte, so they are at most one
-        frame's worth (``max_fds``), and charged to the shared budget.
-
-        Raises:
-            ProtocolError: more wait than one frame may carry, or the budget
-                is spent; the decoder is broken and every descriptor closed.
-        """
-        waiting = len(self._fds)
-        if waiting > self._limits.max_fds:
-            raise self._fail(
-                ProtocolError(
-                    f"the peer sent {waiting} descriptors for frames it has not finished, over "
-                    f"the limit of {self._limits.max_fds} per frame; they were closed"
-                )
-            )
-        budget = self._budget
-        if budget is not None and waiting > self._charged:
-            if not budget.take(waiting - self._charged):
-                raise self._fail(
-                    ProtocolError(
-                        "this process holds as many descriptors waiting for unfinished frames "
-                        f"as it allows; the peer's {waiting} were closed"
-                    )
-                )
-            self._charged = waiting
-
-    def _release(self) -> None:
-        """Give the charged descriptors back to the budget: their frame is decoded (or closed)."""
-        if self._budget is not None:
-            self._budget.give(self._charged)
-        self._charged = 0
 
     def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:
         """Decode the one whole frame in the buffer, a message that carries ``nfds`` descriptors.
@@ -408,12 +304,15 @@ class Decoder:
         if nfds != len(fds) or nfds > self._fast_fds:
             return None
         self._used = []
+        view = self.view[HEADER_SIZE:end]
         try:
             payload = _unpackb(
-                self.view[HEADER_SIZE:end], strict_map_key=False, ext_hook=self._hook
+                view, strict_map_key=False, ext_hook=self._hook, timestamp=3
             )[2]
         except ValueError:
             return None
+        except _VALUE_FAILURES as exc:
+            self._failed(0, end, end, view, exc)
         used = self._used
         if len(used) < nfds or (nfds > 1 and len(set(used)) < nfds):
             _close_unmentioned(list(fds), used)
@@ -426,10 +325,10 @@ class Decoder:
 
     def _next_general(self, start: int, stop: int, end: int, view: memoryview) -> tuple[int, Any]:
         """Decode any frame, checking every field: the path of all but plain messages."""
-        # Placeholders can only point at descriptors that have arrived; with
-        # none waiting, extension type 1 stays the ExtType it is.
         try:
-            body = self._unpack_general(view, self._hook if self._fds else None)
+            body = self._unpack_general(view)
+        except _VALUE_FAILURES as exc:
+            self._failed(start, stop, end, view, exc)
         except Exception as exc:  # msgpack raises ValueError and its own types
             raise self._fail(
                 ProtocolError(
@@ -460,10 +359,51 @@ class Decoder:
         else:
             self._start = stop
 
-    def _unpack_general(self, view: memoryview, hook: Any) -> Any:
-        """Decode with every option; placeholders resolve only in frames that carry descriptors."""
+    def _unpack_general(self, view: memoryview) -> Any:
+        """Decode with every option (placeholders resolve only while descriptors wait)."""
         self._used = []
-        return _unpackb(view, strict_map_key=False, ext_hook=hook or any_ext, **self._options)
+        return _unpackb(
+            view,
+            strict_map_key=False,
+            ext_hook=self._hook,
+            timestamp=3,
+            **self._options,
+        )
+
+    def _failed(
+        self, start: int, stop: int, end: int, view: memoryview, exc: Exception
+    ) -> tuple[int, Any]:
+        """A frame msgpack failed on: skip it if a value cannot be rebuilt, else the general path's.
+
+        Skipping keeps the stream in step (the header gave the frame's end)
+        and closes the descriptors the body's head counts; decoding again
+        would run a registered ``decode`` twice. Any other ValueError (a map
+        key other than str or bytes, a broken body) goes to the general path.
+
+        Raises:
+            DecodeError: the frame was skipped.
+            ProtocolError: the peer has not authenticated, or the body's head
+                is not ``[kind, nfds, ...]`` with its descriptors arrived.
+        """
+        if not isinstance(exc, _VALUE_FAILURES):
+            if isinstance(exc, ValueError):
+                return self._next_general(start, stop, end, view)
+            raise exc
+        offset = self._offset
+        reason = _why(exc)
+        head = frame_head(view) if self._registered.on else None
+        if head is None or head[1] > min(self._limits.max_fds, len(self._fds)):
+            raise self._fail(ProtocolError(f"frame at stream offset {offset}: {reason}")) from exc
+        kind, nfds = head
+        for _ in range(nfds):
+            self._fds.popleft().close()
+        self._consumed(start, stop, end)
+        closed = f" (its {nfds} descriptor(s) closed)" if nfds else ""
+        raise DecodeError(
+            f"frame at stream offset {offset}: {reason}; the frame was skipped{closed}, "
+            "and the connection stays usable",
+            kind,
+        ) from exc
 
     def _after_last_frame(self) -> None:
         """Every byte received is decoded: drop an outsized buffer, refuse stray descriptors.
@@ -480,15 +420,43 @@ class Decoder:
                     f"(by stream offset {self._offset}); they were closed"
                 )
             )
-        self.reserve_buffer(fresh=True)
+        self._buf = bytearray(INITIAL_BUFFER)
+        self.view = memoryview(self._buf)
         self._oversized = False
         self._gate_fast_path()
 
     def _check_frame(self, offset: int, kind: Any, nfds: Any, payload: Any) -> tuple[int, Any]:
+        # Kinds this side does not know still decode: the layer above answers
+        # them (see RESERVED_KINDS), so that a newer peer keeps its connection.
+        if type(kind) is not int or not 0 <= kind <= MAX_KIND:
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset}: frame kind {kind!r} is not an integer "
+                    f"from 0 to {MAX_KIND}; the peer is not speaking passrpc"
+                )
+            )
+        if type(nfds) is not int or not 0 <= nfds <= self._limits.max_fds:
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset}: descriptor count {nfds!r} is not an "
+                    f"integer from 0 to {self._limits.max_fds}"
+                )
+            )
+        if nfds > len(self._fds):
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset} claims {nfds} descriptors but only "
+                    f"{len(self._fds)} arrived with it"
+                )
+            )
         used = self._used
-        problem = _head_problem(offset, kind, nfds, len(self._fds), used, self._limits.max_fds)
-        if problem is not None:
-            raise self._fail(ProtocolError(problem))
+        if used and max(used) >= nfds:
+            raise self._fail(
+                ProtocolError(
+                    f"frame at stream offset {offset} refers to descriptor {max(used)} "
+                    f"but carries only {nfds}"
+                )
+            )
         popleft = self._fds.popleft
         taken = [popleft() for _ in range(nfds)]
         if self._charged:
@@ -497,54 +465,19 @@ class Decoder:
             _close_unmentioned(taken, used)
         return kind, payload
 
-    def close(self) -> None:
-        """Close every descriptor received and not yet handed out in a frame."""
-        while self._fds:
-            self._fds.popleft().close()
-        if self._charged:
-            self._release()
 
-
-def _other_ext(fds: deque[Descriptor], used: list[int], code: int, data: bytes) -> object:
-    """Other extension types, wide placeholders, and placeholders that point nowhere."""
-    if code != FD_EXT_CODE:
-        return any_ext(code, data)
-    if not 1 <= len(data) <= 4:
-        raise ValueError(f"a descriptor placeholder of {len(data)} bytes; it takes 1 to 4")
-    index = int.from_bytes(data, "big")
-    if index >= len(fds):
-        raise ValueError(f"descriptor placeholder {index} refers to no descriptor received")
-    used.append(index)
-    return fds[index]
-
-
-def _head_problem(
-    offset: int, kind: Any, nfds: Any, arrived: int, used: list[int], max_fds: int
-) -> str | None:
-    """What is wrong with a decoded frame's kind and descriptor count, or None."""
-    # Kinds this side does not know still decode: the layer above answers
-    # them (see RESERVED_KINDS), so that a newer peer keeps its connection.
-    if type(kind) is not int or not 0 <= kind <= MAX_KIND:
+def _why(exc: Exception) -> str:
+    """What a value that cannot be rebuilt did wrong, for :class:`DecodeError`."""
+    if isinstance(exc, _Undecodable):
+        return str(exc)
+    if isinstance(exc, OverflowError):
+        return f"a timestamp is out of datetime's range ({exc})"
+    if "unhashable" in str(exc):
         return (
-            f"frame at stream offset {offset}: frame kind {kind!r} is not an integer "
-            f"from 0 to {MAX_KIND}; the peer is not speaking passrpc"
+            f"a map key cannot be rebuilt ({exc}): map keys must be str, int, float, bool, "
+            "None, bytes or hashable registered values (a tuple key arrives as a list)"
         )
-    if type(nfds) is not int or not 0 <= nfds <= max_fds:
-        return (
-            f"frame at stream offset {offset}: descriptor count {nfds!r} is not an "
-            f"integer from 0 to {max_fds}"
-        )
-    if nfds > arrived:
-        return (
-            f"frame at stream offset {offset} claims {nfds} descriptors but only "
-            f"{arrived} arrived with it"
-        )
-    if used and max(used) >= nfds:
-        return (
-            f"frame at stream offset {offset} refers to descriptor {max(used)} "
-            f"but carries only {nfds}"
-        )
-    return None
+    return f"a value cannot be rebuilt ({type(exc).__name__}: {exc})"
 
 
 def _close_unmentioned(taken: list[Descriptor], used: list[int]) -> None:

@@ -24,31 +24,41 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._channel import Channel, Peer
-from ._errors import ConnectionClosed, EncodeError, FrameTooLarge, ProtocolError, Timeout
+from ._errors import (
+    ConnectionClosed,
+    DecodeError,
+    EncodeError,
+    FrameTooLarge,
+    ProtocolError,
+    Timeout,
+)
 from ._protocol import (
-    DESCRIBE,
     MESSAGE,
     STATUS,
     BadRequest,
     Frame,
     describe_handlers,
+    describe_reply,
     exception_reply,
     parse_request,
     reply,
+    undecodable,
     unknown_message,
     unsendable,
 )
 from ._registry import Handler
 from ._stats import SAMPLE_EVERY, HandlerCounters
+from ._types import DEFAULT_TYPES, TypeRegistry
 from ._wire import PROTOCOL_VERSION
 
 logger = logging.getLogger("passrpc")
 
 _peer = threading.local()
 _now = time.perf_counter_ns
-#: What a handler may raise and still get an error reply: SystemExit too, so
-#: that a handler's sys.exit() cannot end its connection's thread.
-_FAILURES = (Exception, SystemExit)
+#: What a handler may raise and still get an error reply: anything, so that a
+#: handler's sys.exit() (or a stray KeyboardInterrupt) cannot end its
+#: connection's thread.
+_FAILURES = BaseException
 
 
 def current_peer() -> Peer:
@@ -118,8 +128,10 @@ def _report(name: str) -> Frame:
     exc_type, exc, tb = sys.exc_info()
     assert exc_type is not None
     assert exc is not None
-    logger.info("handler %r raised %s: %s", name, exc_type.__name__, exc)
-    return exception_reply(exc_type, exc, tb)
+    frame = exception_reply(exc_type, exc, tb)
+    # The reply's message, not str(exc): that may raise, and did once already.
+    logger.info("handler %r raised %s: %s", name, exc_type.__name__, frame[1]["message"])
+    return frame
 
 
 def _timed(entry: Served, start: int, outcome: str) -> None:
@@ -147,12 +159,15 @@ class Dispatcher:
     Args:
         handlers: the registered handlers by name; copied, so a dispatcher
             serves the registry as it was when it was made.
+        types: the type registry the server's connections use, for
+            DESCRIBE "types".
     """
 
-    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], types: TypeRegistry = DEFAULT_TYPES) -> None:
         every_call = logger.isEnabledFor(logging.DEBUG)
         self.handlers = {name: Served(handler, every_call) for name, handler in handlers.items()}
         self.described = describe_handlers(handlers.values())
+        self.types = types
         self.started = time.monotonic()
         # Connection counts; the lock guards them, never a call.
         self._lock = threading.Lock()
@@ -178,13 +193,20 @@ class Dispatcher:
         a malformed request, an unknown handler name and an unknown frame
         kind. Nothing here raises for what a client sends.
         """
-        try:
-            request = parse_request(kind, payload)
-        except BadRequest as exc:
-            return exc.frame
-        if request is None:
-            return (STATUS, self.status()) if kind == STATUS else (DESCRIBE, self.described)
-        name, args, kwargs = request
+        # protocol.parse_request's common case, a MESSAGE, inlined as the
+        # reply below is: this runs for every call.
+        if kind == MESSAGE and type(payload) is list and payload and type(payload[0]) is str:
+            name, args, kwargs = payload[0], payload[1:], None
+        else:
+            try:
+                request = parse_request(kind, payload)
+            except BadRequest as exc:
+                return exc.frame
+            if request is None:
+                if kind == STATUS:
+                    return STATUS, self.status()
+                return describe_reply(payload, self.described, self.types)
+            name, args, kwargs = request
         entry = self.handlers.get(name)
         if entry is None:
             return unknown_message(name, self.handlers)
@@ -271,6 +293,10 @@ class Dispatcher:
                 except Timeout:
                     logger.debug("closing a connection idle for %s s", channel.timeout)
                     return False
+                except DecodeError as exc:  # skipped whole: answer it, read on
+                    logger.info("refused a request that cannot be decoded: %s", exc)
+                    send(*undecodable(exc))
+                    continue
                 except ProtocolError as exc:
                     logger.warning("closing a connection that broke the protocol: %s", exc)
                     return False
@@ -293,4 +319,3 @@ class Dispatcher:
                 frame = payload = reply = None
         except ConnectionClosed:
             return False
-

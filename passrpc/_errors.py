@@ -39,12 +39,34 @@ class FrameTooLarge(ProtocolError):
 
 
 class EncodeError(Error, TypeError):
-    """A value in an outgoing message cannot travel as msgpack.
+    """A value in an outgoing message cannot travel.
 
     Messages may hold None, bool, int, float, str, bytes, lists, tuples,
-    dicts and file descriptors (objects with ``fileno()``). Convert other
-    objects before sending them. Nothing was sent when you get this.
+    dicts, timezone-aware datetimes, file descriptors (objects with
+    ``fileno()``) and instances of classes registered with
+    :func:`passrpc.register_type`. Convert other objects, or register their
+    class, before sending them. Nothing was sent when you get this.
     """
+
+
+class DecodeError(Error, ValueError):
+    """A received value could not be rebuilt; its frame was skipped whole.
+
+    You get this when a registered type's ``decode`` failed (or the class
+    refused the fields it was called with), when a map key cannot be a
+    Python dict key (a tuple key arrives as a list, which cannot), or when a
+    datetime is out of Python's range. It is raised by the call, or by
+    ``read()``, whose frame it was; the server answers a request it cannot
+    decode with an error of code ``undecodable``, raised by the caller as
+    this. You do not get this for a broken stream (that is
+    :class:`ProtocolError`): the connection stays usable.
+    """
+
+    def __init__(self, message: str, kind: int | None = None) -> None:
+        super().__init__(message)
+        #: The kind of the skipped frame (``docs/protocol.md``, section 2),
+        #: when this side skipped it; None for the server's report.
+        self.kind = kind
 
 
 class ConnectionClosed(Error, ConnectionError):
@@ -93,10 +115,22 @@ class RemoteError(Error):
     ``remote_type`` names the exception's class, ``remote_message`` holds
     its message and ``remote_traceback`` the formatted traceback text from
     the server process. The server goes on serving; so can you.
+
+    When the remote class is a builtin exception, or derives from one, the
+    error you get is also an instance of that builtin (``except
+    ValueError:`` catches a handler's ``ValueError``), except for
+    ``TimeoutError``, ``ConnectionError``, exits and exception groups, which
+    a remote error must never pass for. A class registered with
+    :func:`passrpc.register_error` makes it an instance of that class too.
+    Either way its ``__init__`` does not run: only the type name, message
+    and traceback travel.
     """
 
     def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
-        super().__init__(remote_type, remote_message, remote_traceback)
+        # Not super().__init__: in a typed remote error (RemoteError and, say,
+        # OSError) the next class's constructor would read these three as its
+        # own arguments (errno, strerror, filename); only the args are set.
+        Exception.__init__(self, remote_type, remote_message, remote_traceback)
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
@@ -159,4 +193,17 @@ class TargetError(Error, ImportError):
     (the original exception is the cause), or it has no such attribute.
     Check the spelling and that the module is importable from the current
     directory or ``sys.path``.
+    """
+
+
+class WorkerError(Error, RuntimeError):
+    """A worker could not be forked, or how it ended cannot be known.
+
+    ``Server.fork_worker`` raises it when the server's fork server cannot
+    fork: its preload raised (the message carries the traceback), ``fork()``
+    failed, the fork server died, or the server is stopping; and when it is
+    called outside the server process. ``Worker.wait`` raises it when the
+    fork server ended before the worker did (the worker was killed with it,
+    its exit status is lost). You do not get it for a worker that failed on
+    its own: that is an exit status, which ``Worker.wait`` returns.
     """

@@ -63,6 +63,7 @@ from ._protocol import busy
 from ._registry import Registry
 from ._socketfile import SocketFile
 from ._wire import WireOptions, encode_frame
+from ._workers import ForkServerLink
 
 logger = logging.getLogger("passrpc")
 
@@ -140,7 +141,8 @@ class App:
     """What one run of the loop serves: the registry, the settings, the socket file, the hooks.
 
     ``initialize`` and ``finalize`` are the server's overridable hooks
-    (``Server.initialize_server``, ``Server.finalize_server``).
+    (``Server.initialize_server``, ``Server.finalize_server``); ``forks``
+    is the link to a fork server, for a server with workers.
     """
 
     registry: Registry
@@ -148,6 +150,7 @@ class App:
     files: SocketFile
     initialize: Callable[[], Any]
     finalize: Callable[[], Any]
+    forks: ForkServerLink | None = None
 
 
 class ServeLoop:
@@ -189,7 +192,7 @@ class ServeLoop:
         self.ready = ready
         self.done = threading.Event()
         self.thread = threading.current_thread()
-        self.dispatcher = Dispatcher(app.registry.handlers)
+        self.dispatcher = Dispatcher(app.registry.handlers, app.settings.wire.types)
         # Both sized again once initialize_server has run (it may change the limit).
         self.descriptor_budget = DescriptorBudget(waiting_descriptor_limit())
         self.max_connections = connection_limit(settings.max_connections)
@@ -255,6 +258,10 @@ class ServeLoop:
             own.add(self.ready)
         serving_sockets.update(own)
         try:
+            if app.forks is not None:
+                # First, while this process runs no thread and initialize_server
+                # has not started any: workers are forked from there.
+                app.forks.start()
             self._install_signals()
             try:
                 app.initialize()
@@ -276,6 +283,8 @@ class ServeLoop:
                 app.finalize()
         finally:
             self._restore_signals()
+            if app.forks is not None:  # after finalize_server, which may still use workers
+                app.forks.close()
             self.wake_r.close()
             self.wake_w.close()
             self.epoll.close()
@@ -404,7 +413,7 @@ class ServeLoop:
         slow, idle = self.deadlines.due(now)
         for conn in slow:
             if conn.state == PARKED:
-                self._refused(conn, Timeout("the handshake took longer than its time bound"))
+                self._refused(conn, self.deadlines.late())
             else:  # a pool thread holds it (a client trickling its bytes): end its wait
                 conn.expired = True
                 with contextlib.suppress(OSError):
@@ -440,8 +449,12 @@ class ServeLoop:
             if not conn.advance(hurry):
                 self._park(conn)
                 return False
-        except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout, OSError) as exc:
-            self._refused(conn, exc)
+        except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout) as exc:
+            self._refused(conn, self.deadlines.late() if conn.expired else exc)
+            return False
+        except OSError:  # from greet(): the kernel has no credentials to tell
+            logger.debug("a client hung up before it could be served")
+            self._close(conn)
             return False
         conn.authenticated(settings.client_idle_timeout)
         self.dispatcher.opened()

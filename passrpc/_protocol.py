@@ -21,11 +21,12 @@ import attrs
 
 from ._errors import (
     AuthenticationError,
+    DecodeError,
     ProtocolError,
-    RemoteError,
     ServerBusy,
     UnknownMessage,
 )
+from ._types import DEFAULT_TYPES, TypeRegistry, error_name, nearest_builtin
 from ._wire import Kind, brief, describe_value
 
 MESSAGE = int(Kind.MESSAGE)
@@ -47,6 +48,7 @@ ERROR_UNKNOWN_MESSAGE = "unknown_message"  # no handler of that name
 ERROR_BAD_REQUEST = "bad_request"  # a request the server could not take
 ERROR_AUTHENTICATION = "authentication"  # the handshake failed
 ERROR_UNKNOWN_KIND = "unknown_kind"  # a frame kind this side does not implement
+ERROR_UNDECODABLE = "undecodable"  # a request holding a value the server cannot rebuild
 ERROR_BUSY = "busy"  # the server is at its connection limit (sent instead of its challenge)
 #: Reserved for the features that come next, so that their meaning is fixed
 #: before any peer sends them: a stream ended early by either side
@@ -65,22 +67,36 @@ MAX_TRACEBACK_TEXT = 65536
 def _bounded(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
-    cut = f" [... {len(text) - limit + 40} characters cut]"
-    return text[: limit - len(cut)] + cut
+    keep = limit - len(f" [... {len(text)} characters cut]")  # the marker, at its longest
+    return f"{text[:keep]} [... {len(text) - keep} characters cut]"
 
 
-def error_payload(code: str, remote_type: str, message: str, traceback: str = "") -> dict[str, str]:
-    """Build the payload of an ERROR frame; long texts are cut to the documented bounds."""
-    return {
+def error_payload(
+    code: str, remote_type: str, message: str, traceback: str = "", builtin: str | None = None
+) -> dict[str, str]:
+    """Build the payload of an ERROR frame; long texts are cut to the documented bounds.
+
+    ``builtin`` is the optional key of remote errors: the nearest builtin
+    ancestor of the exception's class.
+    """
+    payload = {
         "code": code,
         "type": _bounded(remote_type, MAX_ERROR_TEXT),
         "message": _bounded(message, MAX_ERROR_TEXT),
         "traceback": _bounded(traceback, MAX_TRACEBACK_TEXT),
     }
+    if builtin is not None:
+        payload["builtin"] = builtin
+    return payload
 
 
-def error_from_payload(payload: Any) -> Exception:
-    """Turn an ERROR frame's payload into the exception the receiver raises."""
+def error_from_payload(payload: Any, types: TypeRegistry = DEFAULT_TYPES) -> Exception:
+    """Turn an ERROR frame's payload into the exception the receiver raises.
+
+    A handler's error is typed by ``types``: by a registered exception class
+    of its name, else by its nearest builtin class (see
+    :meth:`TypeRegistry.remote_error`).
+    """
     if not isinstance(payload, dict):
         return ProtocolError(f"the peer sent a malformed error frame: {describe_value(payload)}")
     code = payload.get("code")
@@ -94,7 +110,10 @@ def error_from_payload(payload: Any) -> Exception:
         return ServerBusy(message)
     if code in (ERROR_BAD_REQUEST, ERROR_UNKNOWN_KIND):
         return ProtocolError(f"the server refused the request: {message}")
-    return RemoteError(remote_type, message, str(payload.get("traceback", "")))
+    if code == ERROR_UNDECODABLE:
+        return DecodeError(f"the server could not decode the request: {message}")
+    builtin = payload.get("builtin") if code == ERROR_REMOTE else None
+    return types.remote_error(remote_type, builtin, message, str(payload.get("traceback", "")))
 
 
 class OutOfStep(ProtocolError):
@@ -132,10 +151,11 @@ def request(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Frame:
 
 
 def parse_request(kind: int, payload: Any) -> tuple[str, list[Any], dict[str, Any] | None] | None:
-    """Return ``(name, args, kwargs)`` of a call; None for a control request (DESCRIBE, STATUS).
+    """Return ``(name, args, kwargs)`` of a call; None for a control request (DESCRIBE,
+    answered by :func:`describe_reply`, or STATUS).
 
-    ``kwargs`` is None for a MESSAGE request (it has none). A control
-    request's payload is ignored: its kind says all.
+    ``kwargs`` is None for a MESSAGE request (it has none). A STATUS
+    request's payload is ignored.
 
     Raises:
         BadRequest: not a request; its ``frame`` is the ERROR frame to answer with.
@@ -195,16 +215,21 @@ def reply(result: Any) -> Frame:
 
 
 def exception_reply(exc_type: Any, exc: BaseException, tb: TracebackType | None) -> Frame:
-    """The ERROR frame that reports a handler's exception, with its traceback text."""
-    remote_type = exc_type.__qualname__
-    if exc_type.__module__ not in ("builtins", "__main__"):
-        remote_type = f"{exc_type.__module__}.{remote_type}"
+    """The ERROR frame that reports a handler's exception, with its traceback text and
+    the name of its nearest builtin class (so the caller's ``except ValueError`` works)."""
     text = "".join(traceback.format_exception(exc_type, exc, tb))
     try:
         message = str(exc)
     except Exception as failure:  # its __str__ raised: the reply must still go out
         message = f"<the exception's message could not be made: {type(failure).__name__}>"
-    return ERROR, error_payload(ERROR_REMOTE, remote_type, message, text)
+    return ERROR, error_payload(
+        ERROR_REMOTE, error_name(exc_type), message, text, nearest_builtin(exc_type)
+    )
+
+
+def undecodable(exc: DecodeError) -> Frame:
+    """The ERROR frame that answers a request the server could not decode (it was skipped)."""
+    return ERROR, error_payload(ERROR_UNDECODABLE, "DecodeError", str(exc))
 
 
 def unsendable(request_payload: Any, exc: Exception) -> Frame:
@@ -228,8 +253,10 @@ def busy(limit: int) -> Frame:
 # Replies --------------------------------------------------------------------
 
 
-def reply_result(kind: int, payload: Any) -> Any:
+def reply_result(kind: int, payload: Any, types: TypeRegistry = DEFAULT_TYPES) -> Any:
     """Return a call's result from its reply frame: the single value, or a tuple of several.
+
+    ``types`` types a handler's error (:func:`error_from_payload`).
 
     Raises:
         RemoteError, UnknownMessage, ProtocolError: the server answered with an
@@ -239,11 +266,11 @@ def reply_result(kind: int, payload: Any) -> Any:
     if kind == MESSAGE and type(payload) is list:
         return payload[0] if len(payload) == 1 else tuple(payload)
     if kind == ERROR:
-        raise error_from_payload(payload)
+        raise error_from_payload(payload, types)
     raise OutOfStep(f"expected a reply, the server sent a frame of kind {kind!r}")
 
 
-def message_values(kind: int, payload: Any) -> tuple[Any, ...]:
+def message_values(kind: int, payload: Any, types: TypeRegistry = DEFAULT_TYPES) -> tuple[Any, ...]:
     """Return the values of a MESSAGE frame read from a raw conversation.
 
     Raises:
@@ -253,7 +280,7 @@ def message_values(kind: int, payload: Any) -> tuple[Any, ...]:
     if kind == MESSAGE and type(payload) is list:
         return tuple(payload)
     if kind == ERROR:
-        raise error_from_payload(payload)
+        raise error_from_payload(payload, types)
     raise OutOfStep(f"expected a message, the peer sent a frame of kind {kind!r}")
 
 
@@ -274,6 +301,19 @@ class HandlerEntry(Protocol):
 #: How a client calls a described handler: "call" (a request, one reply) or
 #: "raw" (the first message of a conversation on a connection of its own).
 Route = Literal["call", "raw"]
+
+
+#: The payload of a DESCRIBE request that asks for the registered types
+#: instead of the handlers; the answer maps each code to ``module.QualName``.
+#: An older server ignores the payload and answers with its handlers.
+DESCRIBE_TYPES = "types"
+
+
+def describe_reply(payload: Any, described: list[dict[str, Any]], types: TypeRegistry) -> Frame:
+    """The answer to a DESCRIBE request: the handlers, or with payload "types" the types."""
+    if type(payload) is str and payload == DESCRIBE_TYPES:
+        return DESCRIBE, types.names()
+    return DESCRIBE, described
 
 
 def describe_handlers(entries: Iterable[HandlerEntry]) -> list[dict[str, Any]]:
@@ -312,7 +352,7 @@ def _describe_one(entry: HandlerEntry) -> dict[str, Any]:
     }
 
 
-def parse_described(kind: int, payload: Any) -> list[Any]:
+def parse_described(kind: int, payload: Any, types: TypeRegistry = DEFAULT_TYPES) -> list[Any]:
     """Return the handler descriptions from the server's answer to a DESCRIBE request.
 
     Raises:
@@ -320,7 +360,7 @@ def parse_described(kind: int, payload: Any) -> list[Any]:
         ProtocolError: any other answer that is not a list of descriptions.
     """
     if kind == ERROR:
-        raise error_from_payload(payload)
+        raise error_from_payload(payload, types)
     if kind != DESCRIBE or not isinstance(payload, list):
         raise ProtocolError(f"the server answered introspection with a frame of kind {kind!r}")
     return payload

@@ -1,9 +1,9 @@
-"""The registry: what a server answers (handlers), what it does on signals, and its hooks.
+"""The registry: what a server answers (handlers), what it does on signals, its hooks, its workers.
 
 Filled before the server runs, by :meth:`Server.add_handler` and the
 decorators (``@server.handler``, ``@passrpc.handler`` on a subclass's
-methods); frozen once the server process has its copy. The loop and the
-dispatch only read it.
+methods, ``@server.worker``); frozen once the server process has its copy.
+The loop, the dispatch and the fork server only read it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ._errors import ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-HOOKS = ("before_fork", "initialize_server", "finalize_server")
+HOOKS = ("before_fork", "initialize_server", "finalize_server", "preload")
 
 
 @attrs.frozen
@@ -28,6 +28,20 @@ class Handler:
     name: str
     fn: Callable[..., Any]
     raw: bool
+
+
+@attrs.frozen
+class WorkerTarget:
+    """A registered worker: its name, what the worker process runs, and what was registered.
+
+    ``fn(channel, *args)`` runs in the worker; ``source`` is the function,
+    bound method or Server the user registered, so that
+    ``fork_worker(source)`` finds it by the object as well as by the name.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    source: object
 
 
 @overload
@@ -48,6 +62,29 @@ def handler(name: Any = None, *, raw: bool = False) -> Any:
 
     def mark(fn: F) -> F:
         fn._passrpc_handler = (name or fn.__name__, raw)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@overload
+def worker(name: F) -> F: ...
+@overload
+def worker(name: str | None = None) -> Callable[[F], F]: ...
+def worker(name: Any = None) -> Any:
+    """Mark a method of a :class:`Server` subclass as the worker named ``name``.
+
+    ``name`` defaults to the method's name (``@passrpc.worker`` without
+    parentheses works too). The method runs in a worker process forked by
+    the server's fork server, as ``method(channel, *args)`` (see
+    :meth:`Server.fork_worker`). The method is returned unchanged.
+    """
+    if callable(name):
+        name._passrpc_worker = name.__name__
+        return name
+
+    def mark(fn: F) -> F:
+        fn._passrpc_worker = name or fn.__name__  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -99,11 +136,12 @@ class Registry:
         self.handlers: dict[str, Handler] = {}
         self.signal_handlers: dict[signal.Signals, Callable[[], Any]] = {}
         self.hooks: dict[str, list[Callable[[], Any]]] = {hook: [] for hook in HOOKS}
+        self.workers: dict[str, WorkerTarget] = {}
         self.frozen = False
         self._running = running
 
     def collect(self, obj: object) -> None:
-        """Register the methods of ``obj`` marked by :func:`handler` and :func:`on_signal`."""
+        """Register the methods of ``obj`` marked by :func:`handler`, :func:`on_signal`, :func:`worker`."""
         cls = type(obj)
         for attr in dir(cls):
             member = getattr(cls, attr, None)
@@ -114,6 +152,9 @@ class Registry:
                 self.add_handler(name, getattr(obj, attr), raw=raw)
             if hasattr(member, "_passrpc_signal"):
                 self.add_signal_handler(member._passrpc_signal, getattr(obj, attr))
+            if hasattr(member, "_passrpc_worker"):
+                method = getattr(obj, attr)
+                self.add_worker(member._passrpc_worker, method, method)
 
     def check_open(self, what: str) -> None:
         """Raise ConfigurationError if registration is over (``what`` names the late call)."""
@@ -141,6 +182,38 @@ class Registry:
         if signum in self.signal_handlers:
             raise ConfigurationError(f"{signum.name} already has a handler")
         self.signal_handlers[signum] = fn
+
+    def add_worker(self, name: str, fn: Callable[..., Any], source: object) -> None:
+        """Register ``fn(channel, *args)`` as the worker ``name`` (see :meth:`Server.add_worker`)."""
+        self.check_open(f"add_worker({name!r})")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a worker name is a non-empty str, got {name!r}")
+        if name in self.workers:
+            raise ConfigurationError(
+                f"a worker named {name!r} is already registered ({self.workers[name].source!r})"
+            )
+        self.workers[name] = WorkerTarget(name, fn, source)
+
+    def worker_name(self, target: object) -> str:
+        """The name of the registered worker ``target`` (a name, or the object registered).
+
+        Raises:
+            ConfigurationError: nothing of that name, or that object, is registered.
+        """
+        if isinstance(target, str):
+            if target in self.workers:
+                return target
+        else:
+            for entry in self.workers.values():
+                # == and not `is`: a bound method is a new object at each attribute access
+                if entry.source is target or entry.source == target:
+                    return entry.name
+        known = ", ".join(map(repr, self.workers)) or "none"
+        raise ConfigurationError(
+            f"{target!r} is not a registered worker (registered: {known}); register it with "
+            "@server.worker or server.add_worker before start(): the fork server only knows "
+            "what was registered when it was forked"
+        )
 
     def add_hook(self, hook: str, fn: F) -> F:
         """Append ``fn`` to the functions that run at ``hook`` (one of :data:`HOOKS`)."""

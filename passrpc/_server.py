@@ -34,6 +34,7 @@ from ._auth import default_uids, open_channel
 from ._channel import Channel
 from ._client import Proxy, proxy_class, server_status
 from ._errors import ConfigurationError, ServerAlreadyStarted, ServerNotStarted
+from ._forking import WorkerMethods
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, password_key
 from ._loop import DEFAULT_THREADS, App, ServeLoop, Settings
 from ._process import (
@@ -49,7 +50,8 @@ from ._protocol import ServerStatus, describe_handlers
 from ._registry import F, Registry, parse_signal
 from ._socketfile import SocketFile, check_path, identity
 from ._target import find_target
-from ._wire import DEFAULT_LIMITS, Limits, WireOptions
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Limits, wire_options
 
 if TYPE_CHECKING:
     from .aio import AsyncProxy
@@ -57,7 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("passrpc")
 
 
-class Server:
+class Server(WorkerMethods):
     """A passrpc server: handlers on a password-protected Unix socket, a pool of threads.
 
     Register handlers with :meth:`handler` (or :func:`passrpc.handler` on
@@ -65,7 +67,8 @@ class Server:
     ``method="spawn"`` for a fresh interpreter) or :meth:`serve` it in the
     foreground. The process that starts it owns it, and so does every process
     forked from that one afterwards; the server quits by itself once every
-    owner has let go, and :meth:`stop` stops it for everyone.
+    owner has let go, and :meth:`stop` stops it for everyone. Handlers that
+    need worker processes fork them with :meth:`fork_worker`.
 
     Args:
         socket_path: where to listen; None for a fresh private directory
@@ -79,6 +82,10 @@ class Server:
         keep_fds: descriptor numbers the server process keeps open besides
             stdin, stdout, stderr and its own sockets.
         limits: what clients may send (:class:`Limits`).
+        types: the :class:`TypeRegistry` of the classes that travel; None for
+            the default one (what :func:`passrpc.register_type` fills). A
+            forked server has the registrations its parent had at
+            :meth:`start`; a spawned one, those that importing it makes.
         handshake_timeout: seconds a client has to authenticate.
         shutdown_timeout: seconds a quitting server waits for running handlers.
         client_idle_timeout: seconds a connection may sit idle before the
@@ -100,6 +107,7 @@ class Server:
         socket_mode: int = 0o600,
         keep_fds: Iterable[int] = (),
         limits: Limits = DEFAULT_LIMITS,
+        types: TypeRegistry | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         shutdown_timeout: float = 2.0,
         client_idle_timeout: float | None = None,
@@ -116,7 +124,7 @@ class Server:
         self._settings = Settings(
             key=password_key(self._password),
             allowed_uids=default_uids() | frozenset(allow_uids),
-            wire=WireOptions(limits),
+            wire=wire_options(limits, types),
             handshake_timeout=handshake_timeout,
             client_idle_timeout=client_idle_timeout,
             shutdown_timeout=shutdown_timeout,
@@ -328,7 +336,7 @@ class Server:
                     pid, popen = self._fork(listener, theirs), None
                 else:
                     assert target is not None
-                    popen = spawn(target, listener, theirs, ours, spawn_config(self, identity))
+                    popen = spawn(target, listener, theirs, ours, _spawn_config(self, identity))
                     pid = popen.pid
                 process = ServerProcess(pid, ours, os.getpid(), self._files, identity, popen)
                 theirs.close()
@@ -462,18 +470,30 @@ class Server:
             self._loop = None
 
     def _app(self) -> App:
-        """What the loop serves: the registry, the settings, the socket file and the hooks."""
+        """What the loop serves: the registry, the settings, the socket file, the hooks, the forks."""
         return App(
             self._registry,
             self._settings,
             self._files,
             self.initialize_server,
             self.finalize_server,
+            self._fork_server(self._settings.wire, self._keep_fds),
         )
 
 
 # What the command line and the spawned process do to a Server, beyond its
 # public API. They live here, beside the class whose state they change.
+
+
+def _spawn_config(server: Server, identity: tuple[int, int]) -> dict[str, Any]:
+    """What a spawned server process cannot know by itself (see passrpc._spawn)."""
+    return {
+        "password": server._password,
+        "socket_path": server._files.path,
+        "own_dir": server._files.own_dir,
+        "identity": list(identity),
+        "log_level": logger.getEffectiveLevel(),
+    }
 
 
 def socket_file(server: Server) -> SocketFile:
@@ -507,17 +527,6 @@ def reconfigure(
     if password is not None:
         server._password = password
         server._settings = attrs.evolve(server._settings, key=password_key(password))
-
-
-def spawn_config(server: Server, identity: tuple[int, int]) -> dict[str, Any]:
-    """What a spawned server process cannot know by itself (see passrpc._spawn)."""
-    return {
-        "password": server._password,
-        "socket_path": server._files.path,
-        "own_dir": server._files.own_dir,
-        "identity": list(identity),
-        "log_level": logger.getEffectiveLevel(),
-    }
 
 
 def run_server_process(

@@ -27,6 +27,7 @@ frame".
 
 from __future__ import annotations
 
+import datetime
 import enum
 import reprlib
 import struct
@@ -36,12 +37,13 @@ import attrs
 import msgpack
 
 from ._errors import EncodeError, FrameTooLarge
+from ._types import DEFAULT_TYPES, MAX_TYPE_NESTING, RegisteredType, TypeRegistry, timestamp
 
 #: Bumped whenever a frame or the handshake changes incompatibly.
 PROTOCOL_VERSION = 1
 
-#: Extension type code of the descriptor placeholder. Users' own extension
-#: types pass through untouched under any other code.
+#: Extension type code of the descriptor placeholder. Registered types take
+#: codes 2 to 127 (passrpc._types); other codes pass through as msgpack.ExtType.
 FD_EXT_CODE = 1
 
 _HEADER = struct.Struct(">I")
@@ -149,13 +151,21 @@ class WireOptions:
     Threaded from the public entry points (``Server``, ``connect``, the
     proxies, the channels) down to every :class:`Encoder` and
     :class:`~passrpc._decoder.Decoder`, so that a new option is a field here,
-    not a new parameter at every layer. Today it holds the :class:`Limits`.
+    not a new parameter at every layer: the :class:`Limits`, and the
+    :class:`~passrpc._types.TypeRegistry` that says which classes travel as
+    which extension code.
     """
 
     limits: Limits = DEFAULT_LIMITS
+    types: TypeRegistry = DEFAULT_TYPES
 
 
 DEFAULT_WIRE = WireOptions()
+
+
+def wire_options(limits: Limits, types: TypeRegistry | None) -> WireOptions:
+    """The options of a public entry point's ``limits=`` and ``types=`` (None: the default registry)."""
+    return WireOptions(limits, DEFAULT_TYPES if types is None else types)
 
 
 # Placeholders for the first descriptors of a frame, made once.
@@ -163,16 +173,24 @@ _FD_PLACEHOLDERS = [msgpack.ExtType(FD_EXT_CODE, bytes([i])) for i in range(SCM_
 
 
 def _unencodable(obj: object) -> EncodeError:
-    """Why msgpack's ``default`` hook got ``obj``, which has no ``fileno()``."""
+    """Why msgpack's ``default`` hook got ``obj``, which is not registered and has no ``fileno()``."""
     if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
         return EncodeError(
             f"the integer {brief(obj)} is outside msgpack's range (-2**63 to 2**64-1): "
             "send it as a str, or as bytes"
         )
+    if isinstance(obj, datetime.datetime):  # aware ones were packed, or are handled before
+        return EncodeError(
+            f"cannot send the naive datetime {obj.isoformat()!r}: attach a timezone first "
+            "(value.replace(tzinfo=datetime.timezone.utc) if it is UTC, value.astimezone() "
+            "if it is local time); it arrives as a datetime in UTC"
+        )
+    cls = type(obj)
     return EncodeError(
-        f"cannot send a value of type {type(obj).__qualname__!r} ({brief(obj)}); "
-        "messages hold None, bool, int, float, str, bytes, list, tuple, dict "
-        "and objects with fileno(): convert it first"
+        f"cannot send a value of type {cls.__module__}.{cls.__qualname__} ({brief(obj)}): "
+        "register its class with passrpc.register_type(cls, code) on both sides, or convert "
+        "it first; messages hold None, bool, int, float, str, bytes, list, tuple, dict, "
+        "timezone-aware datetimes, objects with fileno() and registered types"
     )
 
 
@@ -203,14 +221,31 @@ class Encoder:
         self._limits = limits = wire.limits
         self._max_frame = limits.max_frame_size
         self._fds: list[int] = []
+        # The registry's own dict: a class registered later travels at once.
+        self._registered = wire.types.by_class
+        # Packers for registered values, one per nesting level, made on first
+        # need (a packer is busy until its value is packed, and a value may
+        # hold another); _depth is the level being packed.
+        self._packers: list[Any] = []
+        self._depth = 0
         # A small first buffer: msgpack grows it as needed, and a fresh
-        # connection should not pay for 256 KiB it may never use.
-        self._pack = msgpack.Packer(default=self._default, use_bin_type=True, buf_size=4096).pack
+        # connection should not pay for 256 KiB it may never use. datetime=True
+        # packs timezone-aware datetimes as msgpack's Timestamp, in C.
+        self._pack = msgpack.Packer(
+            default=self._default, use_bin_type=True, datetime=True, buf_size=4096
+        ).pack
 
-    def _default(self, obj: object) -> msgpack.ExtType:
+    def _default(self, obj: object) -> msgpack.ExtType | msgpack.Timestamp:
+        # msgpack asks only about what it cannot pack itself: registered
+        # classes, descriptors, datetime subclasses, and what cannot travel.
+        entry = self._registered.get(type(obj))
+        if entry is not None:
+            return self._extension(entry, obj)
         try:
             fileno = obj.fileno  # type: ignore[attr-defined]
         except AttributeError:
+            if isinstance(obj, datetime.datetime) and obj.utcoffset() is not None:
+                return timestamp(obj)  # a subclass: msgpack packs only datetime itself
             raise _unencodable(obj) from None
         if fileno is None:  # as some classes say "no fileno here"
             raise _unencodable(obj)
@@ -221,6 +256,41 @@ class Encoder:
         fds.append(fd)
         index = len(fds) - 1
         return _FD_PLACEHOLDERS[index] if index <= SCM_MAX_FD else _wide_placeholder(index)
+
+    def _extension(self, entry: RegisteredType, obj: object) -> msgpack.ExtType:
+        """A registered value: its ``encode``'s value, packed, as extension ``entry.code``.
+
+        Packed with this encoder's hook, so registered values, datetimes and
+        descriptors inside it travel too (placeholders count among the frame's).
+        """
+        depth = self._depth
+        if depth >= MAX_TYPE_NESTING:
+            raise EncodeError(
+                f"registered values nest more than {MAX_TYPE_NESTING} deep (is a value "
+                "inside itself?); the receiver would refuse it"
+            )
+        try:
+            value = entry.encode(obj)
+        except Exception as exc:
+            raise EncodeError(
+                f"encoding a {entry.name} (extension type {entry.code}) failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if depth == len(self._packers):
+            packer = msgpack.Packer(
+                default=self._default, use_bin_type=True, datetime=True, buf_size=1024
+            )
+            self._packers.append(packer.pack)
+        self._depth = depth + 1
+        try:
+            data = self._packers[depth](value)
+        except (OverflowError, ValueError) as exc:
+            raise EncodeError(
+                f"encoding a {entry.name} (extension type {entry.code}) failed: {exc}"
+            ) from exc
+        finally:
+            self._depth = depth
+        return msgpack.ExtType(entry.code, data)
 
     def encode(self, kind: int, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
         """Encode one frame.
@@ -265,6 +335,7 @@ class Encoder:
     def _failed(self, exc: BaseException) -> EncodeError | None:
         """Forget the failed frame's descriptors; msgpack's refusals become EncodeError."""
         self._fds = []
+        self._depth = 0
         if isinstance(exc, (OverflowError, ValueError, BufferError)) and not isinstance(
             exc, EncodeError
         ):
@@ -367,6 +438,44 @@ def _bin_header(n: int) -> bytes:
     if n < 0x10000:
         return b"\xc5" + n.to_bytes(2, "big")
     return b"\xc6" + n.to_bytes(4, "big")
+
+
+def frame_head(body: memoryview) -> tuple[int, int] | None:
+    """The kind and descriptor count at the head of a frame body, read byte by byte.
+
+    For a body that msgpack could not finish, as the decoder skips it: None
+    if its head is not ``[kind, nfds, ...]`` with a kind from 0 to 127 (the
+    array may be any of msgpack's array formats, the ints any unsigned one).
+    """
+    data = bytes(body[:24])
+    for prefix in (b"\x93", b"\xdc\x00\x03", b"\xdd\x00\x00\x00\x03"):
+        if data.startswith(prefix):
+            at = len(prefix)
+            break
+    else:
+        return None
+    kind, at = _small_uint(data, at)
+    nfds, _ = _small_uint(data, at)
+    if kind is None or nfds is None or kind > MAX_KIND:
+        return None
+    return kind, nfds
+
+
+def _small_uint(data: bytes, at: int) -> tuple[int | None, int]:
+    """The unsigned int at ``data[at]`` (fixint or uint 8 to 64) and where the next item starts."""
+    if at >= len(data):
+        return None, at
+    marker = data[at]
+    if marker <= 0x7F:
+        return marker, at + 1
+    width = _UINT_WIDTHS.get(marker)
+    if width is None or at + 1 + width > len(data):
+        return None, at
+    return int.from_bytes(data[at + 1 : at + 1 + width], "big"), at + 1 + width
+
+
+#: Widths of msgpack's uint 8, 16, 32 and 64 (markers 0xcc to 0xcf).
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 
 
 def encode_frame(

@@ -36,11 +36,19 @@ from ._aiochannel import (
     open_async_channel,
 )
 from ._auth import find_password
-from ._clientcore import UNSET, ProxyBase, generation, make_proxy_class
-from ._errors import ConfigurationError, ConnectionClosed, EncodeError, Timeout
+from ._clientcore import UNSET, ProxyBase, check_type_names, generation, make_proxy_class
+from ._errors import ConfigurationError, ConnectionClosed, DecodeError, EncodeError, Timeout
 from ._handshake import password_key
-from ._protocol import DESCRIBE, OutOfStep, parse_described, reply_result, request
-from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions
+from ._protocol import (
+    DESCRIBE,
+    DESCRIBE_TYPES,
+    OutOfStep,
+    parse_described,
+    reply_result,
+    request,
+)
+from ._types import TypeRegistry
+from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions, wire_options
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -222,7 +230,8 @@ class AsyncProxy(ProxyBase, AsyncClosing):
     docstring; ``dir(proxy)`` lists them, and an unknown name raises
     ``AttributeError`` before any I/O. A call returns the handler's single
     value, or a tuple when it returned several; a handler's exception is
-    raised as :class:`passrpc.RemoteError`. Any number of tasks may call at
+    raised as :class:`passrpc.RemoteError`, also an instance of its nearest
+    builtin (or registered) class. Any number of tasks may call at
     once: each call holds one pooled connection (at most ``max_connections``
     open, idle ones reused, further callers wait their turn). A call that is
     cancelled, or outlives ``timeout`` (:class:`passrpc.Timeout`), closes its
@@ -246,6 +255,8 @@ class AsyncProxy(ProxyBase, AsyncClosing):
         max_connections: connections kept open at most.
         server_uids: the uids the server may run as; None means this
             process's own uid or root, so a stranger's socket is refused.
+        types: the :class:`passrpc.TypeRegistry` of the classes that travel;
+            None for the default one.
 
     Raises:
         ConfigurationError: ``max_connections`` is not a positive int.
@@ -263,6 +274,7 @@ class AsyncProxy(ProxyBase, AsyncClosing):
         limits: Limits = DEFAULT_LIMITS,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         server_uids: Collection[int] | None = None,
+        types: TypeRegistry | None = None,
         wire: WireOptions | None = None,
     ) -> None:
         _check_max_connections(max_connections)
@@ -270,7 +282,7 @@ class AsyncProxy(ProxyBase, AsyncClosing):
             socket_path,
             password,
             timeout=timeout,
-            wire=WireOptions(limits) if wire is None else wire,
+            wire=wire_options(limits, types) if wire is None else wire,
             server_uids=server_uids,
         )
         # Encoding is synchronous and happens before a connection is taken, so
@@ -334,9 +346,10 @@ class AsyncProxy(ProxyBase, AsyncClosing):
                     channel = await self._connect(deadline)
                     await channel.send_encoded(buffers, fds, deadline)
             kind, reply = await channel.receive_frame(deadline, wait_first=True)
-        except EncodeError:
-            # A descriptor that is not open: refused before any byte left, so
-            # the connection is still in step and goes back to the pool.
+        except (EncodeError, DecodeError):
+            # A descriptor that is not open (refused before any byte left), or
+            # a reply read whole and skipped: the connection is still in step
+            # and goes back to the pool.
             pool.release(channel)
             raise
         except BaseException as exc:
@@ -356,7 +369,7 @@ class AsyncProxy(ProxyBase, AsyncClosing):
                 ) from exc
             raise
         try:
-            return reply_result(kind, reply)  # a reply, or the handler's error: still in step
+            return reply_result(kind, reply, channel.types)  # a reply, or the handler's error
         except OutOfStep:
             pool.discard(channel)  # not a reply: the connection is out of step
             channel = None
@@ -414,6 +427,24 @@ def async_proxy_class(described: list[dict[str, Any]]) -> type[AsyncProxy]:
     return make_proxy_class(AsyncProxy, described)
 
 
+async def _describe(channel: AsyncChannel, path: str, deadline: float | None) -> type[AsyncProxy]:
+    """Ask the server for its handlers (and, with types registered here, its types); make the class.
+
+    The two requests go out together: the server answers them in order.
+    """
+    local = channel.types.names()
+    await channel.send_frame(DESCRIBE, None, deadline)
+    if local:
+        await channel.send_frame(DESCRIBE, DESCRIBE_TYPES, deadline)
+    reply = await channel.receive_frame(deadline, wait_first=True)
+    cls = async_proxy_class(parse_described(*reply, channel.types))
+    if local:
+        kind, names = await channel.receive_frame(deadline, wait_first=True)
+        if kind == DESCRIBE:
+            check_type_names(path, local, names)
+    return cls
+
+
 async def connect(
     socket_path: str | os.PathLike[str],
     *,
@@ -423,25 +454,26 @@ async def connect(
     limits: Limits = DEFAULT_LIMITS,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     server_uids: Collection[int] | None = None,
+    types: TypeRegistry | None = None,
 ) -> AsyncProxy:
     """Connect to a passrpc server and return an asyncio proxy of its handlers.
 
-    The proxy learns the handlers (names, signatures, docstrings) from the
-    server itself, so this works in a process that has no :class:`passrpc.Server`.
-    The password is found as by :func:`passrpc.connect` (``password``,
-    ``password_file``, or ``SOCKET.password`` when it is yours and 0600).
-    The connection opened here becomes the pool's first.
+    As :func:`passrpc.connect` does: the proxy learns the handlers from the
+    server, the password is found as there, and codes the two sides give to
+    differently named classes are warned about. Its connection becomes the
+    pool's first.
 
     Args:
         socket_path: the server's socket.
         password: the server's password.
         password_file: a file holding it (one trailing newline is not part of it).
-        timeout: seconds that bound connecting and then each call; None waits
-            forever.
+        timeout: seconds that bound connecting and then each call; None: no bound.
         limits: what the server may send.
         max_connections: connections the proxy keeps open at most.
         server_uids: the uids the server may run as; None means this
             process's own uid or root, so a stranger's socket is refused.
+        types: the :class:`passrpc.TypeRegistry` of the classes that travel;
+            None for the default one.
 
     Raises:
         ConfigurationError: ``max_connections`` is not a positive int, or no
@@ -455,18 +487,14 @@ async def connect(
     """
     _check_max_connections(max_connections)
     path = os.fspath(socket_path)
+    wire = wire_options(limits, types)
     password = find_password(path, password, password_file)
-    wire = WireOptions(limits)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
         channel = await open_async_channel(path, password_key(password), wire, deadline, server_uids)
         try:
-            await channel.send_frame(DESCRIBE, None, deadline)
-            described = parse_described(*await channel.receive_frame(deadline, wait_first=True))
-            proxy = async_proxy_class(described)(
-                path, password, timeout=timeout, wire=wire, max_connections=max_connections,
-                server_uids=server_uids,
-            )  # fmt: skip
+            cls = await _describe(channel, path, deadline)
+            proxy = cls(path, password, timeout=timeout, wire=wire, max_connections=max_connections, server_uids=server_uids)  # fmt: skip
         except BaseException:
             channel.close()
             raise

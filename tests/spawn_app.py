@@ -6,6 +6,8 @@ import os
 
 import passrpc
 
+from . import model  # noqa: F401 (registers the value tests' types, as an app's import would)
+
 server = passrpc.Server()
 
 

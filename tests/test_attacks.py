@@ -8,6 +8,7 @@ descriptor table read from /proc), and that it still serves a good client.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import resource
 import secrets
@@ -15,6 +16,7 @@ import socket
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -24,8 +26,19 @@ from passrpc import Channel, Peer, ProtocolError, Server
 from passrpc._channel import DescriptorBudget
 from passrpc._decoder import Decoder
 from passrpc._dispatch import Dispatcher
+from passrpc._registry import Handler
 
-from .helpers import HANDSHAKE, MESSAGE, WAIT, frame, read_frame, read_until_closed, wait_for
+from .helpers import (
+    ERROR,
+    HANDSHAKE,
+    MESSAGE,
+    WAIT,
+    frame,
+    read_frame,
+    read_until_closed,
+    server_log,
+    wait_for,
+)
 
 PASSWORD = "attack-test"
 
@@ -365,3 +378,55 @@ class TestChannelCall:
             thread.start()
             assert left.call("there") == ("there", "back")
             thread.join(WAIT)
+
+
+class TestTheLogNamesThePeer:
+    def test_refusals_name_the_pid_even_when_the_decoder_closed_the_channel(
+        self, sockdir: Path
+    ) -> None:
+        """Descriptors before the proof, and a silent client, are logged with the client's pid."""
+        server = Server(password=PASSWORD, handshake_timeout=0.3)
+        server.add_handler("ok", lambda: "ok")
+        with server_log(sockdir / "log") as log, server:
+            hello = frame(HANDSHAKE, 0, {"step": "hello", "version": 1, "challenge": bytes(32)})
+            r, w = os.pipe()
+            try:
+                with connected(server) as sock:
+                    socket.send_fds(sock, [hello[:1]], [r])
+                    assert read_until_closed(sock) == b""
+                with connected(server) as silent:
+                    assert read_until_closed(silent) == b""
+            finally:
+                os.close(r)
+                os.close(w)
+            wait_for(lambda: log.read_text().count("refused a connection") >= 2, what="two refusals")
+        lines = [x for x in log.read_text().splitlines() if "refused a connection" in x]
+        assert all(f"from pid {os.getpid()} uid {os.getuid()}: " in line for line in lines), lines
+        assert any("before it authenticated" in line for line in lines), lines
+        assert any("did not finish the handshake within 0.3 s" in line for line in lines), lines
+
+
+class TestOddExceptions:
+    def test_any_base_exception_gets_an_error_reply_and_a_clean_log(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """KeyboardInterrupt and an unprintable exception get error replies, logged without a logging error."""
+
+        class Unprintable(Exception):
+            def __str__(self) -> str:
+                raise RuntimeError("no text")
+
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+
+        def unprintable() -> None:
+            raise Unprintable
+
+        entries = [Handler("interrupted", interrupted, False), Handler("unprintable", unprintable, False)]
+        dispatcher = Dispatcher({e.name: e for e in entries})
+        caplog.set_level(logging.INFO, logger="passrpc")
+        for name in ("interrupted", "unprintable"):
+            kind, _ = dispatcher.dispatch(MESSAGE, [name])  # type: ignore[misc]
+            assert kind == ERROR
+        assert "handler 'interrupted' raised KeyboardInterrupt" in caplog.text
+        assert "handler 'unprintable' raised Unprintable: <the exception's message" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 import passrpc
@@ -310,6 +312,38 @@ class TestCall:
         assert set(json.loads(result.stdout)) == {"$fd"}
         assert "file descriptor" in result.stderr
 
+    def test_datetimes_print_as_iso_8601(self, greeter: str) -> None:
+        """A datetime reply prints as its ISO 8601 text, in UTC."""
+        result = call(greeter, "when")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == "2024-05-01T12:30:00+00:00"
+
+    def test_extension_values_it_cannot_decode_are_tagged(self, greeter: str) -> None:
+        """A registered value the command line has not registered prints as {"$ext": [code, base64]}."""
+        result = call(greeter, "point", "3", "4")
+        assert result.returncode == 0, result.stderr
+        data = base64.b64encode(msgpack.packb({"x": 3, "y": 4})).decode()
+        assert json.loads(result.stdout) == {"$ext": [10, data]}
+
+    def test_tagged_arguments_become_bytes_and_extension_values(self, greeter: str) -> None:
+        """{"$bytes": ...} is sent as bytes, {"$ext": [code, ...]} as that extension value."""
+        point = base64.b64encode(msgpack.packb({"x": 1, "y": 2})).decode()
+        result = call(greeter, "kinds", '{"$bytes": "AAE="}', f'{{"$ext": [10, "{point}"]}}', "[]")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == ["bytes", "Point", "list"]
+        result = call(greeter, "echo", '[{"$bytes": "AAE="}]')
+        assert json.loads(result.stdout) == [[[{"$bytes": "AAE="}]], {}]
+
+    @pytest.mark.parametrize(
+        "argument", ['{"$bytes": "not base64!"}', '{"$bytes": 3}', '{"$ext": [300, ""]}']
+    )
+    def test_malformed_tagged_arguments_are_usage_errors(self, greeter: str, argument: str) -> None:
+        """A tag that does not parse exits 2 saying what was expected."""
+        result = call(greeter, "echo", argument)
+        assert result.returncode == 2
+        assert "$" in result.stderr
+        assert result.stdout == ""
+
     def test_remote_error_goes_to_stderr_with_status_1(self, greeter: str) -> None:
         """A handler's exception is reported on stderr, type and message, and exits 1."""
         result = call(greeter, "fail", "it broke")
@@ -379,7 +413,7 @@ class TestList:
         """--json prints the server's description as JSON."""
         result = run_cli("list", "--json", "--socket", greeter, PASSRPC_PASSWORD=PASSWORD)
         described: list[dict[str, Any]] = json.loads(result.stdout)
-        assert {"hello", "echo", "fail", "blob", "pipe", "environment"} == {
+        assert {"hello", "echo", "fail", "blob", "pipe", "environment", "when", "point", "kinds"} == {
             item["name"] for item in described
         }
 

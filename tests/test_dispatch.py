@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 import passrpc
-from passrpc import Channel, Peer, ProtocolError, RemoteError, UnknownMessage
+from passrpc import (
+    Channel,
+    DecodeError,
+    Peer,
+    ProtocolError,
+    RemoteError,
+    TypeRegistry,
+    UnknownMessage,
+)
 from passrpc._dispatch import Dispatcher, RawCall
 from passrpc._protocol import (
     CALL,
@@ -20,6 +29,8 @@ from passrpc._protocol import (
     ERROR_UNKNOWN_KIND,
     ERROR_UNKNOWN_MESSAGE,
     MESSAGE,
+    BadRequest,
+    parse_request,
 )
 from passrpc._registry import Handler
 
@@ -98,6 +109,35 @@ class TestDispatchOnBareFrames:
         assert kind == DESCRIBE
         assert {d["name"]: d["raw"] for d in described}["chat"] is True
 
+    def test_describe_types_answers_the_dispatchers_registry(self) -> None:
+        """DESCRIBE "types" names every registered code of the registry the server uses."""
+        types = TypeRegistry()
+        types.register_type(Decimal, 5, encode=str, decode=Decimal)
+        dispatcher = Dispatcher({}, types)
+        assert dispatcher.dispatch(DESCRIBE, "types") == (DESCRIBE, {5: "decimal.Decimal"})
+        assert dispatcher.dispatch(DESCRIBE, None) == (DESCRIBE, [])
+
+    @pytest.mark.parametrize(
+        "payload",
+        [["add", 1, 2], ["add"], [], [1], ["add", {"k": 1}], "add", None, [b"add"]],
+    )
+    def test_the_inlined_message_path_matches_parse_request(self, payload: Any) -> None:
+        """dispatch() takes a MESSAGE's name and arguments inline; it does what parse_request says."""
+        dispatcher = _dispatcher()
+        try:
+            parsed = parse_request(MESSAGE, payload)
+        except BadRequest as exc:
+            expected: Any = exc.frame
+        else:
+            assert parsed is not None
+            name, args, _ = parsed
+            expected = dispatcher.dispatch(CALL, [name, args, {}])
+        got = dispatcher.dispatch(MESSAGE, payload)
+        if expected[0] == ERROR:  # the tracebacks differ by the path that ran the handler
+            expected[1].pop("traceback")
+            got[1].pop("traceback")  # type: ignore[index]
+        assert got == expected
+
     def test_a_raw_handler_becomes_a_raw_call(self) -> None:
         """A raw handler is not run by dispatch: the caller runs it on the connection."""
         call = _dispatcher().dispatch(MESSAGE, ["chat", "hi"])
@@ -142,6 +182,17 @@ class TestConverse:
             c.read()
         c.write("who")
         assert c.read() == (PEER.uid,)  # current_peer() is the connection's peer
+
+    def test_a_request_that_cannot_be_decoded_is_answered_and_the_next_one_served(
+        self, conversation: Channel
+    ) -> None:
+        """A tuple-keyed dict is skipped by the server with an "undecodable" error, in step."""
+        c = conversation
+        c.write("add", {(1, 2): 3})
+        with pytest.raises(DecodeError, match=r"could not decode the request: .*map key"):
+            c.read()
+        c.write("add", 4)
+        assert c.read() == (4,)
 
     def test_a_raw_handler_converses_then_requests_resume(self, conversation: Channel) -> None:
         """A raw handler talks on the channel itself; afterwards the next request is served."""

@@ -19,7 +19,9 @@ PACKAGE = Path(passrpc.__file__).parent
 LAYERS = {
     # 0: pure (sans-IO): the codec, what frames mean, the handshake's steps
     "_errors": 0,
+    "_types": 0,
     "_wire": 0,
+    "_framebuffer": 0,
     "_decoder": 0,
     "_protocol": 0,
     "_handshake": 0,
@@ -36,6 +38,8 @@ LAYERS = {
     "_socketfile": 3,
     "_process": 3,
     "_loop": 3,
+    "_forkserver": 3,
+    "_workers": 3,
     "_pool": 3,
     "_connection": 3,
     # 4: the clients (they know nothing of the server)
@@ -46,15 +50,17 @@ LAYERS = {
     # 5: the Server facade (its proxy() is a client's), and the spawned process
     "_server": 5,
     "_spawn": 5,
+    "_forking": 5,
     # 6: collection; 7: the command line and the package
     "_collection": 6,
     "_entries": 6,
     "_cli": 7,
     "_cli_client": 7,
+    "_clivalues": 7,
     "__main__": 7,
     "__init__": 7,
 }
-PURE = {"_errors", "_wire", "_decoder", "_protocol", "_handshake"}
+PURE = {"_errors", "_types", "_wire", "_framebuffer", "_decoder", "_protocol", "_handshake"}
 IO_MODULES = {"socket", "os", "threading", "select", "signal", "subprocess", "selectors", "asyncio"}
 
 

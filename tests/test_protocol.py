@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from passrpc import AuthenticationError, ProtocolError, RemoteError, UnknownMessage
+from passrpc import (
+    AuthenticationError,
+    DecodeError,
+    ProtocolError,
+    RemoteError,
+    TypeRegistry,
+    UnknownMessage,
+)
 from passrpc._channel import Channel
 from passrpc._client import proxy_class
 from passrpc._protocol import (
@@ -15,14 +24,18 @@ from passrpc._protocol import (
     ERROR,
     ERROR_AUTHENTICATION,
     ERROR_BAD_REQUEST,
+    ERROR_REMOTE,
+    ERROR_UNDECODABLE,
     ERROR_UNKNOWN_KIND,
     ERROR_UNKNOWN_MESSAGE,
     HANDSHAKE,
+    MAX_ERROR_TEXT,
     MESSAGE,
     STATUS,
     BadRequest,
     OutOfStep,
     describe_handlers,
+    describe_reply,
     described_by_name,
     error_from_payload,
     error_payload,
@@ -33,6 +46,7 @@ from passrpc._protocol import (
     reply_result,
     request,
     route,
+    undecodable,
 )
 from passrpc._registry import Handler
 from passrpc._wire import RESERVED_KINDS
@@ -82,7 +96,9 @@ class TestRequests:
             (HANDSHAKE, {}),
         ],
     )
-    def test_malformed_requests_are_answered_with_bad_request(self, kind: int, payload: Any) -> None:
+    def test_malformed_requests_are_answered_with_bad_request(
+        self, kind: int, payload: Any
+    ) -> None:
         """A frame that is not a request gets a bad_request ERROR frame, naming what came."""
         with pytest.raises(BadRequest) as info:
             parse_request(kind, payload)
@@ -135,7 +151,9 @@ class TestReplies:
     @pytest.mark.parametrize(
         ("payload", "result"), [([1], 1), ([None], None), ([1, 2], (1, 2)), ([], ())]
     )
-    def test_reply_result_unwraps_one_value_or_returns_a_tuple(self, payload: Any, result: Any) -> None:
+    def test_reply_result_unwraps_one_value_or_returns_a_tuple(
+        self, payload: Any, result: Any
+    ) -> None:
         """One value comes back as itself, several as a tuple."""
         assert reply_result(MESSAGE, payload) == result
 
@@ -146,6 +164,7 @@ class TestReplies:
             (ERROR_AUTHENTICATION, AuthenticationError),
             (ERROR_BAD_REQUEST, ProtocolError),
             (ERROR_UNKNOWN_KIND, ProtocolError),
+            (ERROR_UNDECODABLE, DecodeError),
             ("remote", RemoteError),
             ("a-code-from-the-future", RemoteError),
         ],
@@ -185,6 +204,78 @@ class TestReplies:
         assert error.remote_message == "boom"
         assert "raise Custom" in error.remote_traceback
 
+    def test_the_proxys_inlined_reply_result_matches_reply_result(self) -> None:
+        """Proxy._call unwraps a MESSAGE reply inline (the hot path); it gives what reply_result gives."""
+        client, server = Channel.pair(timeout=5)
+        proxy = proxy_class([{"name": "echo"}])("/nowhere", "pw", timeout=5)
+        proxy._adopt(client)
+        for payload in ([1], [None], [1, [2]], [], [{"a": 1}, 2, 3]):
+            server.send_frame(MESSAGE, payload)
+            assert proxy.call("echo") == reply_result(MESSAGE, payload)
+            server.receive_frame()
+        proxy.close()
+        server.close()
+
+
+class TestTypedErrors:
+    def test_exception_reply_names_the_nearest_builtin(self) -> None:
+        """The ERROR frame of a handler's exception carries its nearest builtin class's name."""
+        try:
+            json.loads("{")
+        except ValueError as exc:
+            _, payload = exception_reply(type(exc), exc, exc.__traceback__)
+        assert payload["type"] == "json.decoder.JSONDecodeError"
+        assert payload["builtin"] == "ValueError"
+
+    def test_a_remote_error_is_typed_by_its_builtin(self) -> None:
+        """With the builtin key, the error is both RemoteError and that builtin."""
+        error = error_from_payload(error_payload(ERROR_REMOTE, "app.Bad", "m", "tb", "KeyError"))
+        assert isinstance(error, KeyError)
+        assert isinstance(error, RemoteError)
+        assert (error.remote_type, error.remote_message, error.remote_traceback) == (
+            "app.Bad",
+            "m",
+            "tb",
+        )
+
+    @pytest.mark.parametrize("code", [ERROR_BAD_REQUEST, "a-code-from-the-future"])
+    def test_only_remote_errors_are_typed(self, code: str) -> None:
+        """The builtin key counts in a "remote" error only."""
+        error = error_from_payload(error_payload(code, "X", "m", "", "ValueError"))
+        assert not isinstance(error, ValueError)
+
+    def test_an_older_servers_error_without_the_key_is_plain(self) -> None:
+        """Four keys, as version 1 first sent them: a plain RemoteError, whatever its type name."""
+        error = error_from_payload(error_payload(ERROR_REMOTE, "ValueError", "m"))
+        assert type(error) is RemoteError
+
+    def test_the_receivers_registry_types_it(self) -> None:
+        """A registry's registered class wins over the builtin, in that registry only."""
+
+        class Rejected(Exception):
+            pass
+
+        types = TypeRegistry()
+        types.register_error(Rejected)
+        payload = error_payload(
+            ERROR_REMOTE, f"{__name__}.{Rejected.__qualname__}", "m", "", "Exception"
+        )
+        assert isinstance(error_from_payload(payload, types), Rejected)
+        assert type(error_from_payload(payload)) is RemoteError
+        with pytest.raises(Rejected):
+            reply_result(ERROR, payload, types)
+
+    def test_undecodable_says_what_the_server_could_not_decode(self) -> None:
+        """The server's report of a skipped request is raised as DecodeError."""
+        _, payload = undecodable(
+            DecodeError("frame at stream offset 0: a map key cannot be rebuilt")
+        )
+        assert payload["code"] == ERROR_UNDECODABLE
+        with pytest.raises(
+            DecodeError, match="could not decode the request: frame at stream offset 0"
+        ):
+            reply_result(ERROR, payload)
+
 
 class TestIntrospection:
     def test_describe_round_trips_names_signatures_docs_and_routes(self) -> None:
@@ -212,9 +303,31 @@ class TestIntrospection:
         with pytest.raises(ProtocolError, match="not a handler description"):
             described_by_name([entry])
 
+    def test_describe_types_answers_codes_and_names(self) -> None:
+        """DESCRIBE "types" gets the registry's names; any other payload the handlers."""
+        types = TypeRegistry()
+        types.register_type(Decimal, 5, encode=str, decode=Decimal)
+        assert describe_reply("types", [{"name": "x"}], types) == (DESCRIBE, {5: "decimal.Decimal"})
+        for payload in (None, "handlers", ["types"], b"types"):
+            assert describe_reply(payload, [{"name": "x"}], types) == (DESCRIBE, [{"name": "x"}])
+
     def test_an_error_in_answer_to_describe_is_raised(self) -> None:
         """A DESCRIBE answered with ERROR raises that error; another kind is a ProtocolError."""
         with pytest.raises(UnknownMessage):
             parse_described(ERROR, error_payload(ERROR_UNKNOWN_MESSAGE, "U", "no"))
         with pytest.raises(ProtocolError, match="kind 0"):
             parse_described(MESSAGE, [])
+
+
+class TestErrorTexts:
+    @pytest.mark.parametrize("size", [4096, 4097, 10_000, 1_000_000])
+    def test_long_texts_are_cut_to_the_bound_saying_exactly_how_much(self, size: int) -> None:
+        """An ERROR payload's message stays within MAX_ERROR_TEXT; the marker counts what was cut."""
+        payload = error_payload("remote", "T", "m" * size)
+        message = payload["message"]
+        assert len(message) <= MAX_ERROR_TEXT
+        if size > MAX_ERROR_TEXT:
+            kept = message.index(" [... ")
+            assert message.endswith(f" [... {size - kept} characters cut]")
+        else:
+            assert message == "m" * size

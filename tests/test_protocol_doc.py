@@ -14,6 +14,7 @@ ready to paste (then touch up the meanings by hand where you like).
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import re
 import struct
@@ -22,14 +23,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import msgpack
 import pytest
 
 from passrpc import _handshake as handshake_module
-from passrpc import _protocol, _wire
+from passrpc import _protocol, _types, _wire
 from passrpc._handshake import ClientHandshake, ServerHandshake, password_key
 from passrpc._protocol import error_payload
-from passrpc._wire import Kind, encode_frame
+from passrpc._types import TypeRegistry
+from passrpc._wire import Kind, WireOptions, encode_frame
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -59,9 +62,22 @@ def _handshake() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     return hello, challenge, proof
 
 
-def _frame(kind: int, payload: Any) -> Callable[[], bytes]:
+@attrs.frozen
+class Point:
+    """The registered type of the values example: code 10 in its own registry."""
+
+    x: int
+    y: int
+
+
+#: The values example's registry: what `register_type(Point, 10)` makes.
+EXAMPLE_TYPES = TypeRegistry()
+EXAMPLE_TYPES.register_type(Point, 10)
+
+
+def _frame(kind: int, payload: Any, types: TypeRegistry | None = None) -> Callable[[], bytes]:
     def make() -> bytes:
-        data, _ = encode_frame(kind, payload)
+        data, _ = encode_frame(kind, payload, WireOptions(types=types or TypeRegistry()))
         return data
 
     return make
@@ -101,13 +117,19 @@ EXAMPLES: dict[str, Callable[[], bytes]] = {
             "handlers": {"hi": {"calls": 2, "errors": 0, "mean": 0.25, "p99": 0.5, "timed": 2}},
         },
     ),
+    "describe-types": _frame(Kind.DESCRIBE, "types"),
+    "values": _frame(
+        Kind.MESSAGE,
+        ("move", Point(1, 2), datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)),
+        EXAMPLE_TYPES,
+    ),
     "handshake-hello": _handshake_frame(0),
     "handshake-challenge": _handshake_frame(1),
     "handshake-proof": _handshake_frame(2),
 }
 
 #: Constants listed in the document's ``<!-- constants -->`` block, and where they live.
-CONSTANT_MODULES = (_wire, handshake_module, _protocol)
+CONSTANT_MODULES = (_wire, handshake_module, _protocol, _types)
 
 _MARKER = re.compile(r"<!-- frame: ([\w-]+) -->\s*\n```text\n(.*?)```", re.DOTALL)
 _LINE = re.compile(r"^([0-9a-f]{4})  ([0-9a-f]{2}(?: [0-9a-f]{2})*)(?:  +.*)?$")
@@ -266,14 +288,22 @@ def _walk(
         emit(at, at + head, f"{label}: {_FORMAT[b]} of {size} bytes, which follow")
         emit(at + head, at + head + size, "  (the bytes)")
         return at + head + size
-    if 0xD4 <= b <= 0xD8:
-        size = 1 << (b - 0xD4)
-        code, payload = data[at + 1], data[at + 2 : at + 2 + size]
-        meaning = f"type {code}, data {payload.hex()}"
+    if 0xD4 <= b <= 0xD8 or b in (0xC7, 0xC8, 0xC9):
+        size, head = (1 << (b - 0xD4), 1) if b >= 0xD4 else _sized(data, at, _EXT_WIDTHS)
+        code = int.from_bytes(data[at + head : at + head + 1], "big", signed=True)
+        start, end = at + head + 1, at + head + 1 + size
+        if code not in (-1, _wire.FD_EXT_CODE):  # a registered type: its data is msgpack
+            emit(at, start, f"{label}: {_FORMAT[b]} of {size} bytes, ext type {code}, data:")
+            _walk(data, start, "  data", emit)
+            return end
+        meaning = f"type {code}, data {data[start:end].hex()}"
         if code == _wire.FD_EXT_CODE:
-            meaning += f": descriptor {int.from_bytes(payload, 'big')} of this frame"
-        emit(at, at + 2 + size, f"{label}: {_FORMAT[b]}, {meaning}")
-        return at + 2 + size
+            meaning += f": descriptor {int.from_bytes(data[start:end], 'big')} of this frame"
+        else:
+            when = msgpack.unpackb(data[at:end], timestamp=3)
+            meaning = f"type -1 = Timestamp, {size} bytes of data: {when.isoformat()}"
+        emit(at, end, f"{label}: {_FORMAT[b]}, {meaning}")
+        return end
     size = _FIXED_SIZE[b]
     value = _unpack_one(data, at, at + 1 + size)
     emit(at, at + 1 + size, f"{label}: {_FORMAT[b]} {value!r}")
@@ -285,7 +315,9 @@ _FORMAT = {0x80: "fixmap", 0x90: "fixarray", 0xA0: "fixstr", 0xC0: "nil", 0xC2: 
            0xCC: "uint 8", 0xCD: "uint 16", 0xCE: "uint 32", 0xCF: "uint 64", 0xD0: "int 8",
            0xD1: "int 16", 0xD2: "int 32", 0xD3: "int 64", 0xD4: "fixext 1", 0xD5: "fixext 2",
            0xD6: "fixext 4", 0xD7: "fixext 8", 0xD8: "fixext 16", 0xD9: "str 8", 0xDA: "str 16",
-           0xDB: "str 32", 0xDC: "array 16", 0xDD: "array 32", 0xDE: "map 16", 0xDF: "map 32"}  # fmt: skip
+           0xDB: "str 32", 0xDC: "array 16", 0xDD: "array 32", 0xDE: "map 16", 0xDF: "map 32",
+           0xC7: "ext 8", 0xC8: "ext 16", 0xC9: "ext 32"}  # fmt: skip
+_EXT_WIDTHS = {0xC7: 1, 0xC8: 2, 0xC9: 4}
 _FIXED_SIZE = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
                0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}  # fmt: skip
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
 import passrpc
+from tests import model  # registers the value tests' types in the server (not in `call`)
 
 server = passrpc.Server()
 
@@ -41,6 +43,24 @@ def pipe() -> passrpc.FileDescriptor:
     os.write(write_end, b"piped")
     os.close(write_end)
     return passrpc.FileDescriptor(read_end)
+
+
+@server.handler("when")
+def when() -> datetime.datetime:
+    """Return a fixed aware datetime."""
+    return datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)
+
+
+@server.handler("point")
+def point(x: int = 1, y: int = 2) -> model.Point:
+    """Return a registered value, which the command line has not registered."""
+    return model.Point(x, y)
+
+
+@server.handler("kinds")
+def kinds(*values: Any) -> list[str]:
+    """Return the type name of each value as the server rebuilt it."""
+    return [type(value).__qualname__ for value in values]
 
 
 class GreeterServer(passrpc.Server):
