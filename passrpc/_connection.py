@@ -194,6 +194,15 @@ class ServerConnection:
         with contextlib.suppress(ConnectionClosed, Timeout):
             self.channel.send_frame(*refusal(exc))
 
+    def hung_up(self) -> bool:
+        """Whether the peer has closed the connection with nothing left to read (never blocks)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset: gone too
+            return True
+
     def authenticated(self, idle_timeout: float | None) -> None:
         """Bound a send to a client that does not read by ``idle_timeout``, as a read is."""
         if idle_timeout is not None:

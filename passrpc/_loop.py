@@ -90,7 +90,11 @@ DEFAULT_THREADS = 64
 #: Seconds between two log lines about connections refused for being over the limit.
 _BUSY_LOG_EVERY = 10.0
 
-_ARMED = select.EPOLLIN | select.EPOLLONESHOT  # one event, then quiet until armed again
+#: A parked connection's events: bytes to read, or the peer gone (then the
+#: poller closes it itself, sparing a pool thread a job); one event, then
+#: quiet until a pool thread arms it again.
+_ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 def waiting_descriptor_limit() -> int:
@@ -304,10 +308,10 @@ class ServeLoop:
             epoll.register(self.owner_fd, select.EPOLLIN)
         connections = self.connections
         while not self.stopping:
-            for fd, _ in epoll.poll(self._wait()):
+            for fd, events in epoll.poll(self._wait()):
                 conn = connections.get(fd)
                 if conn is not None:
-                    self._readable(conn)
+                    self._readable(conn, events)
                 elif fd == wake_fd:
                     with contextlib.suppress(OSError):
                         self.wake_r.recv(4096)
@@ -390,12 +394,21 @@ class ServeLoop:
             self._busy_refused = 0
             self._busy_logged = now
 
-    def _readable(self, conn: ServerConnection) -> None:
-        """A parked connection has bytes (or end of file) to read: a pool thread's job."""
-        if conn.state == PARKED:
-            conn.state = QUEUED
-            if not self._submit(conn):
-                self._back_off()
+    def _readable(self, conn: ServerConnection, events: int) -> None:
+        """A parked connection has bytes to read, or its peer left."""
+        if conn.state != PARKED:
+            return
+        if events & _GONE and conn.hung_up():
+            # Nothing to serve: closed here, a herd of leaving clients costs
+            # no pool thread a job, and new clients do not queue behind it.
+            if conn.stage == AUTHENTICATED:
+                self._close(conn)
+            else:
+                self._refused(conn, ConnectionClosed("the peer closed the connection"))
+            return
+        conn.state = QUEUED
+        if not self._submit(conn):
+            self._back_off()
 
     def _refused(self, conn: ServerConnection, exc: Exception) -> None:
         logger.warning("refused a connection from %s: %s", conn.who(), exc)

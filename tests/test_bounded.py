@@ -95,6 +95,23 @@ class TestIdleConnectionsHoldNoThread:
                     sock.close()
 
 
+class TestLeaving:
+    def test_a_request_sent_just_before_a_half_close_is_still_answered(
+        self, server: Server
+    ) -> None:
+        """A parked client that sends a request and shuts its writing side gets its reply."""
+        with server.connect(timeout=WAIT) as channel:
+            channel.write("echo", 1)
+            assert channel.read() == (1,)
+            time.sleep(0.1)  # parked by now
+            channel.write("echo", 2)
+            with socket.socket(fileno=os.dup(channel.fileno())) as same:
+                same.shutdown(socket.SHUT_WR)  # the poller sees its peer gone, with a request
+            assert channel.read() == (2,)
+            with pytest.raises(passrpc.ConnectionClosed):
+                channel.read()
+
+
 class TestIdleTimeout:
     def test_a_client_that_pauses_often_is_not_taken_for_idle(self) -> None:
         """Parked between calls, a connection is closed only after client_idle_timeout without one."""
