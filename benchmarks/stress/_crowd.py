@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import signal
 import socket
-import select
 import statistics
 import time
 from collections.abc import Iterator
@@ -43,9 +43,13 @@ def raise_nofile(needed: int) -> tuple[int, int, str]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
         except (ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            return hard, hard, (
-                f"RLIMIT_NOFILE raised to the hard limit {hard} only (not allowed to raise it "
-                f"to {needed})"
+            return (
+                hard,
+                hard,
+                (
+                    f"RLIMIT_NOFILE raised to the hard limit {hard} only (not allowed to raise it "
+                    f"to {needed})"
+                ),
             )
         return needed, needed, f"RLIMIT_NOFILE raised from {soft}/{hard} to {needed}/{needed}"
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
@@ -196,4 +200,3 @@ def time_bound(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-

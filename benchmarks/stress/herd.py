@@ -42,9 +42,10 @@ from _raw import attacked_server, fd_count, memory, mib, thread_count
 
 def herd(kind: str, count: int, window: float, bound: float) -> None:
     print(f"\n== {count:,} {kind} connections closing at once")
-    with time_bound(bound), attacked_server(
-        max_connections=count + 100, handshake_timeout=120.0
-    ) as (server, _log):
+    with (
+        time_bound(bound),
+        attacked_server(max_connections=count + 100, handshake_timeout=120.0) as (server, _log),
+    ):
         pid = server.pid
         assert pid is not None
         base_fds, base_threads = fd_count(pid), thread_count(pid)
