@@ -142,15 +142,24 @@ def crowd(server: passrpc.Server, count: int, kind: str) -> Child:
     return _fork(_hold, server, count, kind)
 
 
-def _probe(report: int, path: str, every: float, window: float) -> None:
-    """A prober's body: connect, call, close every ``every`` s for ``window`` s; report each time."""
+def _probe(report: int, path: str, every: float, window: float, fresh: bool) -> None:
+    """A prober's body: a call every ``every`` s for ``window`` s; report each one.
+
+    With ``fresh``, each call is a new client's: connect (the handshake and
+    the description), call, close. Without, one connection opened first
+    makes every call.
+    """
     end = time.monotonic() + window
+    kept = None if fresh else passrpc.connect(path, password=PASSWORD, timeout=30)
     while time.monotonic() < end:
         start = time.monotonic()
         try:
-            proxy = passrpc.connect(path, password=PASSWORD, timeout=30)
-            proxy.ok()
-            proxy.close()
+            if kept is None:
+                proxy = passrpc.connect(path, password=PASSWORD, timeout=30)
+                proxy.ok()
+                proxy.close()
+            else:
+                kept.ok()
             outcome = "ok"
         except passrpc.Error as exc:
             outcome = type(exc).__name__
@@ -160,9 +169,9 @@ def _probe(report: int, path: str, every: float, window: float) -> None:
     os.write(report, b"done\n")
 
 
-def prober(path: str, every: float, window: float) -> Child:
-    """Fork a prober (see :func:`_probe`): one line per attempt, then "done"."""
-    return _fork(_probe, path, every, window)
+def prober(path: str, every: float, window: float, *, fresh: bool = True) -> Child:
+    """Fork a prober (see :func:`_probe`): one line per call, then "done"."""
+    return _fork(_probe, path, every, window, fresh)
 
 
 def probe_results(child: Child, timeout: float) -> list[tuple[float, float, str]]:

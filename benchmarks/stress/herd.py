@@ -12,7 +12,8 @@ A child process opens ``--count`` connections of a kind to a real server
 raised to 120 s so that strangers stay), holds them, and is killed with
 SIGKILL: the kernel closes every one of them at once. A prober process
 connects, calls and closes every 10 ms from half a second before until the
-window ends, and reports how long each new client took. The server's threads
+window ends, and reports how long each new client took; another calls on a
+connection it opened before, as often. The server's threads
 and descriptors are read from /proc every 5 ms until its descriptors are
 back where they were. Every process is killed and reaped and every file
 removed at the end; the run is bounded by ``--bound`` seconds. This process
@@ -63,24 +64,27 @@ def herd(kind: str, count: int, window: float, bound: float) -> None:
                 f"threads (was {base_threads}), VmRSS {mib(memory(pid)['VmRSS'])}"
             )
             probe = prober(server.socket_path, every=0.01, window=window)
-            children.append(probe)
+            steady = prober(server.socket_path, every=0.01, window=window, fresh=False)
+            children += [probe, steady]
             time.sleep(0.5)  # the prober's first attempts: the server with the crowd idle
             killed = time.monotonic()
             holder.kill()
             most_threads, released = thread_count(pid), None
             while time.monotonic() - killed < window - 0.5:
                 most_threads = max(most_threads, thread_count(pid))
-                if released is None and fd_count(pid) <= base_fds:
+                # The crowd's gone when no more than the probers' two connections remain.
+                if released is None and fd_count(pid) <= base_fds + 2:
                     released = time.monotonic() - killed
                 time.sleep(0.005)
             results = probe_results(probe, bound)
+            kept = probe_results(steady, bound)
         finally:
             for child in children:
                 child.kill()
         gone = f"{released:.2f} s" if released is not None else f"more than {window - 0.5} s"
         print(
             f"   killed the crowd: the server closed every connection within {gone} "
-            f"(descriptors back to {base_fds}); at most {most_threads} threads meanwhile"
+            f"(descriptors back to {base_fds} and the probers' two); at most {most_threads} threads meanwhile"
         )
         before = [took for start, took, _ in results if start < killed]
         during = [
@@ -88,10 +92,11 @@ def herd(kind: str, count: int, window: float, bound: float) -> None:
             for start, took, _ in results
             if killed <= start <= killed + (released if released is not None else window)
         ]
-        failed = [outcome for _, _, outcome in results if outcome != "ok"]
+        failed = [outcome for _, _, outcome in results + kept if outcome != "ok"]
         print(f"   a new client (connect, describe, call, close) before: {summary(before)}")
         print(f"   ... from the kill until all were closed: {summary(during)}")
         print(f"   ... every attempt: {summary([took for _, took, _ in results])}")
+        print(f"   a call on a connection opened before: {summary([t for _, t, _ in kept])}")
         print(f"   failed attempts: {len(failed)} {sorted(set(failed)) if failed else ''}")
         print(f"   server after: {thread_count(pid)} threads, VmHWM {mib(memory(pid)['VmHWM'])}")
 
