@@ -183,7 +183,7 @@ class TestServerBusy:
         srv = Server(sockdir / "s.sock", password="pw", max_connections=3)
         srv.add_handler("echo", lambda x: x)
         with srv:
-            held = [
+            held: list[passrpc.Channel | socket.socket] = [
                 srv.connect(timeout=WAIT),
                 srv.connect(timeout=WAIT),
                 handshake_only(srv.socket_path),
@@ -320,3 +320,12 @@ class TestThePool:
             name, on_main = proxy.where()
         assert not on_main
         assert name == "passrpc-worker"
+
+
+@pytest.mark.parametrize(
+    "options", [{"threads": 0}, {"max_connections": 0}, {"threads": True}, {"max_connections": 2.5}]
+)
+def test_pool_and_connection_limits_must_be_positive_ints(options: dict[str, object]) -> None:
+    """threads and max_connections take an int of at least 1 (max_connections also None)."""
+    with pytest.raises(passrpc.ConfigurationError, match="must be an int of at least 1"):
+        Server(**options)  # type: ignore[arg-type]

@@ -108,7 +108,7 @@ class TestWorkerPool:
 
     def test_owns_knows_its_threads(self, jobs: Jobs) -> None:
         """owns() is true in a pool thread only (the loop's stop() asks it)."""
-        pool = WorkerPool(
+        pool: WorkerPool[int] = WorkerPool(
             1, lambda job: jobs.order.append(int(pool.owns(threading.current_thread())))
         )
         assert pool.submit(0)
