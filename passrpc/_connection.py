@@ -314,6 +314,11 @@ class Deadlines:
             soonest = min(soonest, time.monotonic() + self.idle_timeout)
         return soonest - time.monotonic()
 
+    def any_due(self, now: float) -> bool:
+        """Whether :meth:`due` may find something (cheap: no lock, no list)."""
+        handshakes, idle = self._handshakes, self._idle
+        return bool((handshakes and handshakes[0][0] <= now) or (idle and idle[0][0] <= now))
+
     def due(self, now: float) -> tuple[list[ServerConnection], list[ServerConnection]]:
         """The connections whose time is up: ``(slow handshakes, idle parked ones)``.
 

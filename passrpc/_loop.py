@@ -323,7 +323,8 @@ class ServeLoop:
             if self.resume_accepting is not None and now >= self.resume_accepting:
                 epoll.register(listener_fd, select.EPOLLIN)
                 self.resume_accepting = None
-            self._expire(now)
+            if self.deadlines.any_due(now):
+                self._expire(now)
 
     def _wait(self) -> float:
         """Seconds until the poller has something to do by itself (-1: nothing)."""
