@@ -184,6 +184,7 @@ def run(operation: str, n: int, types: int = 0) -> None:
             if frame is None:
                 raise SystemExit("no request")
             kind, payload = frame
+            idle_since = 0.0  # noqa: F841 (Dispatcher.serve resets its idle clock)
             reply = dispatch(kind, payload)
             send(*reply)  # type: ignore[misc]
             client_end.recv_into(sink)

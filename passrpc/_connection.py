@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from ._auth import check_uid
 from ._channel import Channel, DescriptorBudget, Peer
@@ -59,6 +59,15 @@ QUEUED, SERVING, PARKED, CLOSED = range(4)  # states
 #: microseconds). 5 ms covers a client's own work between calls in a tight
 #: loop, and a thread that waits in vain is held a scheduler tick or two.
 LINGER = 0.005
+
+#: Seconds a pool thread keeps waiting, LINGER at a time, on a connection
+#: that sends nothing, while more than a quarter of the pool is free, before
+#: it parks it. A client that is only delayed (a loaded machine's scheduler
+#: can leave it without a CPU for tens of milliseconds) keeps its thread; an
+#: idle one lets it go after this, or within LINGER once the pool is that
+#: busy or another connection waits for a thread (so new work still finds a
+#: thread at once).
+PATIENCE = 0.25
 
 _TIMEVAL = struct.Struct("@ll")
 
@@ -208,8 +217,17 @@ class ServerConnection:
         if idle_timeout is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(idle_timeout))
 
-    def serve(self, dispatcher: Dispatcher, hurry: object, idle_timeout: float | None) -> bool:
+    def serve(
+        self,
+        dispatcher: Dispatcher,
+        hurry: object,
+        wait_more: Callable[[float], bool],
+        idle_timeout: float | None,
+    ) -> bool:
         """Serve the client's requests while they keep coming, in a pool thread.
+
+        ``hurry`` and ``wait_more`` say when to stop waiting for the next
+        request (see :meth:`Dispatcher.serve`).
 
         Returns:
             True to park the connection (its receive buffer is let go of);
@@ -218,7 +236,7 @@ class ServerConnection:
         channel = self.channel
         channel.reserve_buffer()
         while True:
-            outcome = dispatcher.serve(channel, self.peer, hurry)  # type: ignore[arg-type]
+            outcome = dispatcher.serve(channel, self.peer, hurry, wait_more)  # type: ignore[arg-type]
             if outcome is True:
                 channel.release_buffer()
                 return True

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._channel import Channel, Peer
@@ -163,7 +163,9 @@ class Dispatcher:
             DESCRIBE "types".
     """
 
-    def __init__(self, handlers: Mapping[str, Handler], types: TypeRegistry = DEFAULT_TYPES) -> None:
+    def __init__(
+        self, handlers: Mapping[str, Handler], types: TypeRegistry = DEFAULT_TYPES
+    ) -> None:
         every_call = logger.isEnabledFor(logging.DEBUG)
         self.handlers = {name: Served(handler, every_call) for name, handler in handlers.items()}
         self.described = describe_handlers(handlers.values())
@@ -265,15 +267,24 @@ class Dispatcher:
         finally:
             self.closed()
 
-    def serve(self, channel: Channel, peer: Peer, hurry: object) -> bool | RawCall:
-        """Serve the requests that come on ``channel`` without a pause, in order; then say what next.
+    def serve(
+        self,
+        channel: Channel,
+        peer: Peer,
+        hurry: object,
+        wait_more: Callable[[float], bool] | None = None,
+    ) -> bool | RawCall:
+        """Serve the requests that come on ``channel`` while they keep coming, in order; then say what next.
 
         Each read waits for the next request as the socket does (the
         server's loop sets a short receive timeout on it), unless ``hurry``
         is true (the loop's queue of connections that wait for a thread):
-        then it takes only what has arrived.
-        Keeping the thread while requests keep coming spares a busy client's
-        round trip any hand-off.
+        then it takes only what has arrived. A wait that ends without a
+        request is tried again while ``hurry`` stays false and
+        ``wait_more(seconds idle)`` says so (never without it). Keeping the
+        thread while requests keep coming spares a busy client's round trip
+        any hand-off, also when the machine's scheduler delays the client
+        for a few milliseconds.
 
         Returns:
             True when no whole request came: park the connection. False when
@@ -286,6 +297,7 @@ class Dispatcher:
         receive = channel.receive_waiting
         send = channel.send_frame
         dispatch = self.dispatch
+        idle_since = 0.0  # when the first of the empty waits in a row ended; 0: none yet
         try:
             while True:
                 try:
@@ -301,8 +313,15 @@ class Dispatcher:
                     logger.warning("closing a connection that broke the protocol: %s", exc)
                     return False
                 if frame is None:
-                    return True
+                    if hurry or wait_more is None:
+                        return True
+                    now = time.monotonic()
+                    idle_since = idle_since or now
+                    if not wait_more(now - idle_since):
+                        return True
+                    continue
                 kind, payload = frame
+                idle_since = 0.0
                 reply: Any = dispatch(kind, payload)
                 if type(reply) is tuple:
                     try:

@@ -44,6 +44,7 @@ from ._connection import (
     CLOSED,
     NEW,
     PARKED,
+    PATIENCE,
     QUEUED,
     SERVING,
     Deadlines,
@@ -445,12 +446,17 @@ class ServeLoop:
         try:
             if conn.stage != AUTHENTICATED and not self._authenticate(conn, hurry):
                 return
-            if conn.serve(self.dispatcher, hurry, self.settings.client_idle_timeout):
+            idle = self.settings.client_idle_timeout
+            if conn.serve(self.dispatcher, hurry, self._wait_more, idle):
                 self._park(conn)
                 return
         except Exception:
             logger.exception("a client connection failed")
         self._close(conn)
+
+    def _wait_more(self, idle: float) -> bool:
+        """Whether a pool thread goes on waiting for its connection, ``idle`` s without a request."""
+        return idle < PATIENCE and self.pool.roomy()
 
     def _authenticate(self, conn: ServerConnection, hurry: object) -> bool:
         """Take ``conn``'s handshake as far as its bytes allow; False if it was parked or refused."""

@@ -132,6 +132,15 @@ class WorkerPool(Generic[J]):
                     return None
             return me.inbox.get()  # claimed just as the wait ended: the job is coming
 
+    def roomy(self) -> bool:
+        """Whether more than a quarter of the pool is free: idle threads, or threads not started.
+
+        Read without the lock: a hint, for a thread deciding whether to go
+        on waiting for its connection's next bytes. (With this quarter kept
+        free, new work finds a thread at once.)
+        """
+        return len(self._idle) + self.size - len(self._threads) > self.size // 4
+
     def statistics(self) -> PoolStatistics:
         """How many threads the pool has, how many of them wait for a job, and how many jobs wait."""
         with self._lock:

@@ -115,3 +115,19 @@ class TestWorkerPool:
         wait_for(lambda: jobs.order == [1], what="the job")
         assert not pool.owns(threading.current_thread())
         assert pool.close(WAIT) == 0
+
+    def test_roomy_while_more_than_a_quarter_is_free(self, jobs: Jobs) -> None:
+        """roomy() is true while idle plus unstarted threads are over a quarter of the pool."""
+        pool = WorkerPool(4, jobs.run)
+        assert pool.roomy()  # none started: all four free
+        for job in range(3):
+            jobs.hold(job)
+            assert pool.submit(job)
+        wait_for(lambda: jobs.running == 3, what="three held jobs")
+        assert not pool.roomy()  # one free of four: not more than a quarter
+        jobs.gates[0].set()
+        wait_for(lambda: pool.statistics().idle == 1, what="a thread to come free")
+        assert pool.roomy()  # two free of four
+        for gate in jobs.gates.values():
+            gate.set()
+        assert pool.close(WAIT) == 0
