@@ -24,8 +24,9 @@ chan_fd       one message carrying a descriptor, Channel to Channel; the
               receiver closes it
 proxy_client  a proxy call's client side, against canned replies
 server_call   a call's server side: the request read from a Channel, dispatched
-              to a handler, the reply sent (the body of Dispatcher.converse),
-              against canned requests
+              to a handler, the reply sent (the body of Dispatcher.serve's loop,
+              which a pool thread runs while requests keep coming), against
+              canned requests
 proxy_attrs   proxy_client, with a registered attrs instance of five fields as
               the argument and in the canned reply
 server_attrs  server_call, with that instance in the request and the reply
@@ -70,6 +71,7 @@ def register_types(count: int) -> None:
 
 def run(operation: str, n: int, types: int = 0) -> None:
     """The loop that callgrind counts (this script, run again with ``--loop``)."""
+    import collections
     import socket
     import struct
 
@@ -173,11 +175,17 @@ def run(operation: str, n: int, types: int = 0) -> None:
         client_end = d._sock
         sink = bytearray(65536)
         dispatcher = Dispatcher({"echo": Handler("echo", lambda x: x, False)})
-        receive, send, dispatch = c.receive_frame, c.send_frame, dispatcher.dispatch
+        receive, send, dispatch = c.receive_waiting, c.send_frame, dispatcher.dispatch
+        hurry = collections.deque()  # the pool's backlog, as Dispatcher.serve asks it
         request = encode_frame(0, ("echo", value))[0]
         for _ in range(n):
             client_end.sendall(request)
-            reply = dispatch(*receive())
+            frame = receive(hurry)
+            if frame is None:
+                raise SystemExit("no request")
+            kind, payload = frame
+            idle_since = 0.0  # noqa: F841 (Dispatcher.serve resets its idle clock)
+            reply = dispatch(kind, payload)
             send(*reply)  # type: ignore[misc]
             client_end.recv_into(sink)
     else:

@@ -1,8 +1,8 @@
 """passrpc: decorator-driven RPC for processes on one machine.
 
-A server on a password-protected Unix socket, a thread per client, owned by
-the processes that hold it; msgpack-framed messages with file descriptors
-passed beside them. See README.md and docs/ for the guide.
+A server on a password-protected Unix socket, a bounded pool of threads
+for its clients, owned by the processes that hold it; msgpack-framed
+messages with file descriptors passed beside them. See README.md and docs/ for the guide.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ._errors import (
     ProtocolError,
     RemoteError,
     ServerAlreadyStarted,
+    ServerBusy,
     ServerNotStarted,
     StartError,
     TargetError,
@@ -60,6 +61,7 @@ __all__ = [
     "RemoteError",
     "Server",
     "ServerAlreadyStarted",
+    "ServerBusy",
     "ServerCollection",
     "ServerNotStarted",
     "ServerStatus",

@@ -86,7 +86,6 @@ class AsyncClosing:
         self.close()
 
 
-
 class AsyncChannel(SocketEnd, AsyncClosing):
     """One connected Unix socket that carries whole messages and descriptors, for asyncio.
 

@@ -29,6 +29,7 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_NOWAIT = _CLOEXEC | int(socket.MSG_DONTWAIT)
 CTRUNC = int(socket.MSG_CTRUNC)
 _PEERCRED = struct.Struct("3i")
 _INT_SIZE = array.array("i").itemsize
@@ -309,6 +310,60 @@ class Channel(SocketEnd):
         except ProtocolError:
             self.close()
             raise
+
+    def receive_waiting(self, hurry: object) -> tuple[int, Any] | None:
+        """Return the next frame, or None when none is whole and the socket has no more for now.
+
+        For a server that parks idle connections (see :mod:`passrpc._loop`).
+        Before each read it asks whether ``hurry`` is true (the server passes
+        its queue of connections that wait for a thread): if not, the read
+        blocks as the socket does (until bytes come, or for the receive
+        timeout set on it with ``SO_RCVTIMEO``); if so, it takes only what is
+        there (``MSG_DONTWAIT``). The bytes of an unfinished frame stay
+        buffered for the next call. Raises as :meth:`receive_frame`; a
+        timeout set with :attr:`timeout` still raises :class:`Timeout`.
+        """
+        decoder = self._decoder
+        try:
+            # receive_frame's read path, but for the flags and "nothing now".
+            if decoder.end == 0:
+                buffer = decoder.view
+            else:
+                frame = decoder.next_frame()
+                if frame is not None:
+                    return frame
+                buffer = decoder.get_buffer()
+            while True:
+                try:
+                    nbytes, ancillary, flags, _ = self._recvmsg_into(
+                        [buffer], self._ancbufsize, _NOWAIT if hurry else _CLOEXEC
+                    )
+                except BlockingIOError:
+                    return None
+                except OSError as exc:
+                    self._raise(exc, "receiving")
+                if ancillary or flags & CTRUNC or not nbytes:
+                    take_ancillary(decoder, nbytes, ancillary, flags, self._max_fds)
+                    frame = decoder.next_frame()
+                else:
+                    frame = decoder.next_frame(nbytes)
+                if frame is not None:
+                    return frame
+                buffer = decoder.get_buffer()
+        except ProtocolError:
+            self.close()
+            raise
+
+    def release_buffer(self) -> None:
+        """Let go of the receive buffer while no byte of a frame waits in it (an idle connection).
+
+        Call :meth:`reserve_buffer` before the next read.
+        """
+        self._decoder.release_buffer()
+
+    def reserve_buffer(self) -> None:
+        """Make the receive buffer that :meth:`release_buffer` let go of."""
+        self._decoder.reserve_buffer()
 
     def _raise(self, exc: OSError, doing: str, fds: Sequence[int] = ()) -> NoReturn:
         if isinstance(exc, TimeoutError):

@@ -169,7 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
         logger.info("serving %s on %s", args.target, server.socket_path)
         if password_file is not None:
             logger.info(
-                "password in %s (mode 0600; call, list, status and passrpc.connect(path) read it from there)", password_file
+                "password in %s (mode 0600; call, list, status and passrpc.connect(path) read it from there)",
+                password_file,
             )
         else:
             logger.info("password from %s", args.password_file or "$" + PASSWORD_ENV)
@@ -316,7 +317,7 @@ def _add_call(commands: _Subcommands) -> None:
             "returned values make a JSON array). Each ARG is parsed as JSON where it parses, "
             "else taken as a string: 3 is a number, '\"3\"' a string, Joe a string; "
             '{"$bytes": BASE64} is bytes and {"$ext": [CODE, BASE64]} a msgpack extension '
-            "value. In the reply, bytes print as {\"$bytes\": BASE64}, extension values this "
+            'value. In the reply, bytes print as {"$bytes": BASE64}, extension values this '
             'process cannot decode as {"$ext": [CODE, BASE64]}, datetimes as ISO 8601 text, '
             'file descriptors as {"$fd": N}. A remote error goes to stderr with exit status '
             "1. Put -- before ARGS that start with '-'."
@@ -400,4 +401,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return status
-

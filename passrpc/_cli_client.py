@@ -50,8 +50,6 @@ class Failure(Exception):
     """The operation failed: the message on stderr, exit status 1."""
 
 
-
-
 def read_password(path: str, *, ours: bool = False) -> bytes:
     """Return the password stored in ``path`` (see :func:`passrpc._auth.read_password_file`).
 
@@ -60,7 +58,9 @@ def read_password(path: str, *, ours: bool = False) -> bytes:
     try:
         data = read_password_file(path, ours=ours)
     except ConfigurationError as exc:
-        raise UsageError(f"{exc}: give the password with --password-file or ${PASSWORD_ENV}") from exc
+        raise UsageError(
+            f"{exc}: give the password with --password-file or ${PASSWORD_ENV}"
+        ) from exc
     with contextlib.suppress(OSError):
         mode = os.stat(path).st_mode
         if mode & 0o077:
@@ -77,8 +77,6 @@ def password_from(args: argparse.Namespace) -> bytes | None:
         return read_password(args.password_file)
     value = os.environb.get(PASSWORD_ENV.encode())
     return value or None
-
-
 
 
 def _client_password(args: argparse.Namespace, socket_path: str) -> bytes:
@@ -131,7 +129,9 @@ def _reach(args: argparse.Namespace, ask: Callable[[str, bytes, float | None], T
 
 
 def _connect(args: argparse.Namespace) -> Proxy:
-    return _reach(args, lambda path, password, timeout: connect(path, password=password, timeout=timeout))
+    return _reach(
+        args, lambda path, password, timeout: connect(path, password=password, timeout=timeout)
+    )
 
 
 def run_call(args: argparse.Namespace) -> int:
@@ -220,8 +220,6 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def add_password_file(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--password-file", metavar="FILE", help=help)
 
@@ -251,8 +249,6 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="wait up to SECONDS for the server to appear and answer (default: 0, do not wait)",
     )
-
-
 
 
 def warn(message: str) -> None:

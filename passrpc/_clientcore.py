@@ -96,7 +96,9 @@ class ProxyBase:
         """
         return TimedView(self, timeout)
 
-    def _invoke(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any) -> Any:
+    def _invoke(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any
+    ) -> Any:
         """Call ``name`` by its route; ``timeout`` is UNSET for the proxy's own."""
         method = getattr(self, self._routes[route(self._handler_info.get(name))])
         return method(name, args, kwargs, timeout)

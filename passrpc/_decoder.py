@@ -306,9 +306,7 @@ class Decoder(FrameBuffer):
         self._used = []
         view = self.view[HEADER_SIZE:end]
         try:
-            payload = _unpackb(
-                view, strict_map_key=False, ext_hook=self._hook, timestamp=3
-            )[2]
+            payload = _unpackb(view, strict_map_key=False, ext_hook=self._hook, timestamp=3)[2]
         except ValueError:
             return None
         except _VALUE_FAILURES as exc:

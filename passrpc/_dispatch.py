@@ -2,10 +2,11 @@
 
 A :class:`Dispatcher` holds a server's handlers and nothing of the OS: it
 turns a request into its reply with :meth:`Dispatcher.dispatch` (testable on
-bare frames), and :meth:`Dispatcher.converse` runs the request-reply loop of
-one authenticated connection over any :class:`Channel` (a worker thread of
-the server's loop drives it; tests drive it over ``Channel.pair()``). What a
-frame means is :mod:`passrpc._protocol`'s to say; this module runs handlers.
+bare frames), and :meth:`Dispatcher.serve` runs the request-reply loop of one
+authenticated connection over any :class:`Channel` for as long as requests
+keep coming (a pool thread of the server's loop drives it; tests drive
+:meth:`Dispatcher.converse` over ``Channel.pair()``). What a frame means is
+:mod:`passrpc._protocol`'s to say; this module runs handlers.
 This is the place for a per-handler feature: it counts every call and times a
 sample of them (:mod:`passrpc._stats`), answers STATUS requests with the
 figures, and logs each call at DEBUG.
@@ -19,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._channel import Channel, Peer
@@ -162,7 +163,9 @@ class Dispatcher:
             DESCRIBE "types".
     """
 
-    def __init__(self, handlers: Mapping[str, Handler], types: TypeRegistry = DEFAULT_TYPES) -> None:
+    def __init__(
+        self, handlers: Mapping[str, Handler], types: TypeRegistry = DEFAULT_TYPES
+    ) -> None:
         every_call = logger.isEnabledFor(logging.DEBUG)
         self.handlers = {name: Served(handler, every_call) for name, handler in handlers.items()}
         self.described = describe_handlers(handlers.values())
@@ -235,51 +238,103 @@ class Dispatcher:
         _timed(entry, start, "returned")
         return reply(result)
 
-    def converse(self, channel: Channel, peer: Peer) -> None:
-        """Serve one authenticated client's requests on ``channel`` until it leaves.
-
-        Returns when the client closes the connection, stays idle past the
-        channel's timeout, breaks the protocol, or a raw handler ends the
-        conversation; the caller closes the channel.
-        """
-        _peer.value = peer
+    def opened(self) -> None:
+        """Count a connection that authenticated (STATUS reports open and served connections)."""
         with self._lock:
             self._open += 1
             self._served += 1
-        try:
-            self._serve(channel)
-        finally:
-            with self._lock:
-                self._open -= 1
 
-    def _serve(self, channel: Channel) -> None:
-        receive = channel.receive_frame
+    def closed(self) -> None:
+        """Count an authenticated connection that closed."""
+        with self._lock:
+            self._open -= 1
+
+    def converse(self, channel: Channel, peer: Peer) -> None:
+        """Serve one authenticated client's requests on ``channel`` until it leaves, in this thread.
+
+        For a conversation that has a thread to itself (tests drive one over
+        ``Channel.pair()``); the server's loop parks idle connections and
+        calls :meth:`serve` instead. Returns when the client closes the
+        connection, stays idle past the channel's timeout, breaks the
+        protocol, or a raw handler ends the conversation; the caller closes
+        the channel.
+        """
+        self.opened()
+        try:
+            while (outcome := self.serve(channel, peer, ())) is not False:
+                if outcome is not True and not outcome.run(channel):
+                    return
+        finally:
+            self.closed()
+
+    def serve(
+        self,
+        channel: Channel,
+        peer: Peer,
+        hurry: object,
+        wait_more: Callable[[float], bool] | None = None,
+    ) -> bool | RawCall:
+        """Serve the requests that come on ``channel`` while they keep coming, in order; then say what next.
+
+        Each read waits for the next request as the socket does (the
+        server's loop sets a short receive timeout on it), unless ``hurry``
+        is true (the loop's queue of connections that wait for a thread):
+        then it takes only what has arrived. A wait that ends without a
+        request is tried again while ``hurry`` stays false and
+        ``wait_more(seconds idle)`` says so (never without it). Keeping the
+        thread while requests keep coming spares a busy client's round trip
+        any hand-off, also when the machine's scheduler delays the client
+        for a few milliseconds.
+
+        Returns:
+            True when no whole request came: park the connection. False when
+            the connection is over: the client left, broke the protocol, or
+            stayed idle past the channel's timeout (the caller closes the
+            channel). A :class:`RawCall` for a raw handler's request: run it
+            (:meth:`RawCall.run`), then serve again.
+        """
+        _peer.value = peer
+        receive = channel.receive_waiting
         send = channel.send_frame
         dispatch = self.dispatch
+        idle_since = 0.0  # when the first of the empty waits in a row ended; 0: none yet
         try:
             while True:
                 try:
-                    kind, payload = receive()
+                    frame = receive(hurry)
                 except Timeout:
                     logger.debug("closing a connection idle for %s s", channel.timeout)
-                    return
+                    return False
                 except DecodeError as exc:  # skipped whole: answer it, read on
                     logger.info("refused a request that cannot be decoded: %s", exc)
                     send(*undecodable(exc))
                     continue
                 except ProtocolError as exc:
                     logger.warning("closing a connection that broke the protocol: %s", exc)
-                    return
+                    return False
+                if frame is None:
+                    if hurry or wait_more is None:
+                        return True
+                    now = time.monotonic()
+                    idle_since = idle_since or now
+                    if not wait_more(now - idle_since):
+                        return True
+                    continue
+                kind, payload = frame
+                idle_since = 0.0
                 reply: Any = dispatch(kind, payload)
                 if type(reply) is tuple:
                     try:
                         send(*reply)
                     except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
                         send(*unsendable(payload, exc))
-                elif not reply.run(channel):
-                    return
+                else:
+                    # A raw handler keeps this thread while it converses. (An
+                    # async handler, when there is one, would return here too:
+                    # its connection parked, holding no thread, until it replies.)
+                    return reply  # type: ignore[no-any-return]
                 # Let go now, not at the next request: received or returned
                 # FileDescriptors close as soon as nobody holds them.
-                payload = reply = None
+                frame = payload = reply = None
         except ConnectionClosed:
-            return
+            return False

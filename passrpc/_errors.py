@@ -79,6 +79,18 @@ class ConnectionClosed(Error, ConnectionError):
     """
 
 
+class ServerBusy(Error, ConnectionError):
+    """The server is at its connection limit and refused this connection.
+
+    You get this from connecting (a proxy's first call, ``connect()``,
+    ``server.connect()``) when the server already holds ``max_connections``
+    connections: it accepted yours only to say so, and closed it. Nothing was
+    sent to a handler. passrpc does not retry by itself: try again later,
+    close connections you do not use, or raise the server's
+    ``max_connections``. You do not get this once a connection is open.
+    """
+
+
 class Timeout(Error, TimeoutError):
     """An operation did not finish within its time bound.
 

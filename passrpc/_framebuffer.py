@@ -124,6 +124,8 @@ class FrameBuffer:
             FrameTooLarge: the pending frame's header is over the limit.
         """
         if self.end == 0:  # empty: the whole buffer, no slicing
+            if not self._buf:  # released (release_buffer)
+                self.reserve_buffer()
             return self.view
         pending = self.end - self._start
         need = HEADER_SIZE - pending
@@ -145,6 +147,22 @@ class FrameBuffer:
                 self._fast_max = -1  # its frame takes the general path, which drops it after
         self._start, self.end = 0, pending
         return self.view[pending:]
+
+    def release_buffer(self) -> None:
+        """Let go of the buffer while it holds nothing (a connection parked idle).
+
+        Call :meth:`reserve_buffer` before reading into :attr:`view` again
+        (:meth:`get_buffer` does it by itself).
+        """
+        if self.end == 0:
+            self._buf = bytearray()
+            self.view = memoryview(self._buf)
+
+    def reserve_buffer(self) -> None:
+        """Make a receive buffer again after :meth:`release_buffer`."""
+        if not self._buf:
+            self._buf = bytearray(INITIAL_BUFFER)
+            self.view = memoryview(self._buf)
 
     def buffer_updated(self, nbytes: int, fds: Iterable[Descriptor] = ()) -> None:
         """Record that ``nbytes`` were written at the start of :meth:`get_buffer`'s view.

@@ -1,13 +1,22 @@
-"""The main loop: poll, accept, hand each client to a thread, stop cleanly.
+"""The main loop: one poller for every socket, a bounded pool of threads for the work, a clean stop.
 
-The main thread of a running server only polls (the owner socket, the
-listening socket, a wake-up socket for signals) and accepts; every accepted
-client gets a thread of its own, which does the handshake and then lets the
-:class:`~passrpc._dispatch.Dispatcher` serve its requests until it leaves.
-Threads are reused for later clients. Ownership follows Passenger's
-AbstractServer: end of file on the owner socket means every owner let go,
-and the loop ends. Accept errors that mean "out of resources" back off
-instead of ending the server.
+The main thread of a running server polls (epoll) the owner socket, the
+listening socket, a wake-up socket for signals, and every connection that
+has no thread: clients in the middle of the handshake, which it drives
+itself without blocking (:mod:`passrpc._connection`), and authenticated
+clients parked idle. A connection that becomes readable goes to the
+:class:`~passrpc._pool.WorkerPool`, whose thread serves its requests while
+they keep coming and parks it again when they stop. So an idle connection,
+or an unfinished handshake, costs a socket and a few kilobytes, never a
+thread; and a herd of clients that all close at once is a herd of short
+jobs, not of threads. The poller also keeps the time bounds: the
+handshake's, and ``client_idle_timeout`` for parked connections.
+
+Ownership follows Passenger's AbstractServer: end of file on the owner
+socket means every owner let go, and the loop ends. Accept errors that mean
+"out of resources" back off instead of ending the server, and so does a
+pool thread that cannot start. Over ``max_connections``, a new connection
+is accepted only to be told "busy" and closed.
 """
 
 from __future__ import annotations
@@ -15,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
-import queue
 import resource
 import select
 import signal
@@ -29,14 +38,32 @@ from typing import Any
 
 import attrs
 
-from ._auth import server_handshake
-from ._channel import Channel, DescriptorBudget, Peer
+from ._channel import DescriptorBudget
+from ._connection import (
+    AUTHENTICATED,
+    CLOSED,
+    NEW,
+    PARKED,
+    PATIENCE,
+    QUEUED,
+    SERVING,
+    Deadlines,
+    ServerConnection,
+)
 from ._dispatch import Dispatcher
-from ._errors import AuthenticationError, ConnectionClosed, ProtocolError, Timeout
+from ._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionClosed,
+    ProtocolError,
+    Timeout,
+)
+from ._pool import WorkerPool
 from ._process import READY, STOP, serving_sockets
+from ._protocol import busy
 from ._registry import Registry
 from ._socketfile import SocketFile
-from ._wire import WireOptions
+from ._wire import WireOptions, encode_frame
 from ._workers import ForkServerLink
 
 logger = logging.getLogger("passrpc")
@@ -46,19 +73,29 @@ logger = logging.getLogger("passrpc")
 ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF = 0.1
 
-
-def _peer_of(channel: Channel) -> Peer | None:
-    """The peer of ``channel`` as the kernel tells it; None if it is already gone."""
-    try:
-        return channel.peer
-    except OSError:
-        return None
-
-
 #: Descriptors that may wait for the rest of their frame, over all of a
 #: server's connections: enough for 16 clients sending frames of 64 at once,
 #: and never more than a quarter of the process's descriptor limit.
 MAX_WAITING_DESCRIPTORS = 1024
+
+#: Connections a server holds at once unless told otherwise (``max_connections``):
+#: far more than local clients need, few enough that their sockets and buffers
+#: stay in the tens of megabytes; lowered to half the descriptor limit.
+DEFAULT_MAX_CONNECTIONS = 4096
+
+#: Pool threads unless told otherwise (``threads``): handlers that block
+#: (on a lock, a barrier, another process) may all wait at once up to this
+#: many; more threads would only contend for the GIL.
+DEFAULT_THREADS = 64
+
+#: Seconds between two log lines about connections refused for being over the limit.
+_BUSY_LOG_EVERY = 10.0
+
+#: A parked connection's events: bytes to read, or the peer gone (then the
+#: poller closes it itself, sparing a pool thread a job); one event, then
+#: quiet until a pool thread arms it again.
+_ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 def waiting_descriptor_limit() -> int:
@@ -69,9 +106,29 @@ def waiting_descriptor_limit() -> int:
     return max(1, min(MAX_WAITING_DESCRIPTORS, soft // 4))
 
 
+def connection_limit(requested: int | None) -> int:
+    """The most connections a server holds at once: ``requested``, or the default.
+
+    The default is :data:`DEFAULT_MAX_CONNECTIONS`, or half the descriptor
+    limit (``RLIMIT_NOFILE``) if that is lower: the other half is left to
+    descriptors in flight and the handlers' own files.
+    """
+    if requested is not None:
+        return requested
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, soft // 2))
+
+
+def _at_least_one(settings: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (type(value) is not int or value < 1):
+        raise ConfigurationError(f"{attribute.name} must be an int of at least 1, got {value!r}")
+
+
 @attrs.frozen
 class Settings:
-    """A server's settings for serving clients: how they authenticate, and its time bounds."""
+    """A server's settings for serving clients: how they authenticate, its bounds in time and number."""
 
     key: bytes
     allowed_uids: frozenset[int]
@@ -80,6 +137,8 @@ class Settings:
     client_idle_timeout: float | None
     shutdown_timeout: float
     backlog: int
+    max_connections: int | None = attrs.field(default=None, validator=_at_least_one)
+    threads: int = attrs.field(default=DEFAULT_THREADS, validator=_at_least_one)
 
 
 @attrs.frozen
@@ -97,21 +156,6 @@ class App:
     initialize: Callable[[], Any]
     finalize: Callable[[], Any]
     forks: ForkServerLink | None = None
-
-
-#: Client threads kept waiting for a next client, and for how long.
-_MAX_IDLE_WORKERS = 16
-_IDLE_WORKER_SECONDS = 30.0
-
-
-class _Worker:
-    """A client thread and its inbox of accepted sockets."""
-
-    __slots__ = ("jobs", "thread")
-
-    def __init__(self) -> None:
-        self.jobs: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
-        self.thread: threading.Thread | None = None
 
 
 class ServeLoop:
@@ -145,7 +189,7 @@ class ServeLoop:
         ready: socket.socket | None = None,
     ) -> None:
         self.app = app
-        self.settings = app.settings
+        self.settings = settings = app.settings
         self.listener = listener
         self.owner_fd = owner_fd
         self.identity = identity
@@ -154,21 +198,30 @@ class ServeLoop:
         self.done = threading.Event()
         self.thread = threading.current_thread()
         self.dispatcher = Dispatcher(app.registry.handlers, app.settings.wire.types)
-        # Sized again once initialize_server has run (it may change the limit).
+        # Both sized again once initialize_server has run (it may change the limit).
         self.descriptor_budget = DescriptorBudget(waiting_descriptor_limit())
-        self.clients: dict[socket.socket, threading.Thread] = {}
-        self.idle: list[_Worker] = []  # client threads waiting for their next client
-        self.clients_lock = threading.Lock()
+        self.max_connections = connection_limit(settings.max_connections)
+        self.pool: WorkerPool[ServerConnection] = WorkerPool(
+            settings.threads, self._serve, self.thread_class
+        )
+        #: Every open connection by descriptor number, whatever its state.
+        self.connections: dict[int, ServerConnection] = {}
+        self.lock = threading.Lock()  # guards parking against stopping, closing against closing
+        self.deadlines = Deadlines(settings.handshake_timeout, settings.client_idle_timeout)
+        self.epoll = select.epoll()
         self.stopping = False
+        self.resume_accepting: float | None = None
         self.wake_r, self.wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.saved_signals: dict[int, Any] = {}
         self.saved_wakeup: int | None = None
+        self._busy_frame = b""
+        self._busy_refused = 0
+        self._busy_logged = -math.inf
 
     def in_client_thread(self) -> bool:
-        with self.clients_lock:
-            return threading.current_thread() in self.clients.values()
+        return self.pool.owns(threading.current_thread())
 
     def request_stop(self) -> None:
         self.stopping = True
@@ -222,13 +275,15 @@ class ServeLoop:
                 app.files.remove(self.identity)
                 raise
             self.descriptor_budget.limit = waiting_descriptor_limit()
+            self.max_connections = connection_limit(self.settings.max_connections)
+            self._busy_frame = encode_frame(*busy(self.max_connections))[0]
             if self.ready is not None:
                 self.ready.send(READY, socket.MSG_NOSIGNAL)
             logger.info("passrpc server pid %d listening on %s", os.getpid(), app.files.path)
             try:
                 self._poll()
             finally:
-                self.stopping = True  # also if _poll raised: no worker goes back to idle
+                self.stopping = True  # also if _poll raised: no connection is parked again
                 self._shutdown()
                 app.finalize()
         finally:
@@ -237,36 +292,54 @@ class ServeLoop:
                 app.forks.close()
             self.wake_r.close()
             self.wake_w.close()
+            self.epoll.close()
             serving_sockets.difference_update(own)  # another loop in this process keeps its own
             self.done.set()
 
+    # The poller ---------------------------------------------------------------
+
     def _poll(self) -> None:
-        poller = select.poll()
+        epoll = self.epoll
         listener_fd = self.listener.fileno()
         wake_fd = self.wake_r.fileno()
         self.listener.setblocking(False)
-        poller.register(listener_fd, select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
+        epoll.register(listener_fd, select.EPOLLIN)
+        epoll.register(wake_fd, select.EPOLLIN)
         if self.owner_fd is not None:
-            poller.register(self.owner_fd, select.POLLIN)
-        resume_accepting: float | None = None
+            epoll.register(self.owner_fd, select.EPOLLIN)
+        connections = self.connections
         while not self.stopping:
-            timeout_ms = None
-            if resume_accepting is not None:
-                timeout_ms = max(0, int((resume_accepting - time.monotonic()) * 1000))
-            events = poller.poll(timeout_ms)
-            if resume_accepting is not None and time.monotonic() >= resume_accepting:
-                poller.register(listener_fd, select.POLLIN)
-                resume_accepting = None
-            for fd, _ in events:
-                if fd == wake_fd:
+            for fd, events in epoll.poll(self._wait()):
+                conn = connections.get(fd)
+                if conn is not None:
+                    self._readable(conn, events)
+                elif fd == wake_fd:
                     with contextlib.suppress(OSError):
                         self.wake_r.recv(4096)
                 elif fd == self.owner_fd:
                     self._read_owner()
                 elif fd == listener_fd and not self._accept():
-                    poller.unregister(listener_fd)
-                    resume_accepting = time.monotonic() + ACCEPT_BACKOFF
+                    self._back_off()
+            now = time.monotonic()
+            if self.resume_accepting is not None and now >= self.resume_accepting:
+                epoll.register(listener_fd, select.EPOLLIN)
+                self.resume_accepting = None
+            if self.deadlines.any_due(now):
+                self._expire(now)
+
+    def _wait(self) -> float:
+        """Seconds until the poller has something to do by itself (-1: nothing)."""
+        wait = self.deadlines.wait()
+        if self.resume_accepting is not None:
+            wait = min(wait, self.resume_accepting - time.monotonic())
+        return -1 if wait == math.inf else max(0.0, wait)
+
+    def _back_off(self) -> None:
+        """Stop accepting for :data:`ACCEPT_BACKOFF` seconds (out of descriptors, memory or threads)."""
+        if self.resume_accepting is None:
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(self.listener.fileno())
+            self.resume_accepting = time.monotonic() + ACCEPT_BACKOFF
 
     def _read_owner(self) -> None:
         assert self.owner_fd is not None
@@ -296,108 +369,168 @@ class ServeLoop:
                     return False
                 logger.debug("accept failed: %s", exc)
                 continue
+            if len(self.connections) >= self.max_connections:
+                self._refuse_busy(sock)
+                continue
             serving_sockets.add(sock)  # before any thread can fork: its children must drop it
-            if not self._hand_over(sock):
+            conn = ServerConnection(sock)
+            self.connections[conn.fd] = conn
+            self.deadlines.accepted(conn)
+            if not self._submit(conn):
                 return False
         return True
 
-    def _hand_over(self, sock: socket.socket) -> bool:
-        """Hand a new client to an idle worker thread, or start one; False if none can start."""
-        with self.clients_lock:
-            if self.idle:
-                worker = self.idle.pop()
-                self.clients[sock] = worker.thread  # type: ignore[assignment]
-                worker.jobs.put(sock)
-                return True
-        worker = _Worker()
-        worker.thread = self.thread_class(
-            target=self._work, args=(worker, sock), name="passrpc-client", daemon=True
-        )
-        with self.clients_lock:
-            self.clients[sock] = worker.thread
+    def _refuse_busy(self, sock: socket.socket) -> None:
+        """Tell a connection over ``max_connections`` that the server is busy, and close it."""
+        with contextlib.suppress(OSError):
+            sock.send(self._busy_frame, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        sock.close()
+        self._busy_refused += 1
+        now = time.monotonic()
+        if now >= self._busy_logged + _BUSY_LOG_EVERY:  # a flood of them logs a line now and then
+            logger.warning(
+                "refused %d connection(s) as busy: the server holds %d, its max_connections",
+                self._busy_refused,
+                self.max_connections,
+            )
+            self._busy_refused = 0
+            self._busy_logged = now
+
+    def _readable(self, conn: ServerConnection, events: int) -> None:
+        """A parked connection has bytes to read, or its peer left."""
+        if conn.state != PARKED:
+            return
+        if events & _GONE and conn.hung_up():
+            # Nothing to serve: closed here, a herd of leaving clients costs
+            # no pool thread a job, and new clients do not queue behind it.
+            if conn.stage == AUTHENTICATED:
+                self._close(conn)
+            else:
+                self._refused(conn, ConnectionClosed("the peer closed the connection"))
+            return
+        conn.state = QUEUED
+        if not self._submit(conn):
+            self._back_off()
+
+    def _refused(self, conn: ServerConnection, exc: Exception) -> None:
+        logger.warning("refused a connection from %s: %s", conn.who(), exc)
+        self._close(conn)
+
+    def _submit(self, conn: ServerConnection) -> bool:
+        """Queue ``conn`` for a pool thread; False (and ``conn`` closed) if no thread could start."""
+        if self.pool.submit(conn):
+            return True
+        self._close(conn)
+        return False
+
+    def _expire(self, now: float) -> None:
+        """Close the connections whose handshake or idle time is up."""
+        slow, idle = self.deadlines.due(now)
+        for conn in slow:
+            if conn.state == PARKED:
+                self._refused(conn, self.deadlines.late())
+            else:  # a pool thread holds it (a client trickling its bytes): end its wait
+                conn.expired = True
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+        for conn in idle:
+            logger.debug("closing a connection idle for %s s", self.settings.client_idle_timeout)
+            self._close(conn)
+
+    # Pool threads -----------------------------------------------------------
+
+    def _serve(self, conn: ServerConnection) -> None:
+        """A pool thread's job: take ``conn`` as far as its bytes allow; park or close it."""
+        conn.state = SERVING
+        hurry = self.pool.backlog
         try:
-            worker.thread.start()
-        except RuntimeError as exc:
-            logger.warning("cannot start a client thread (%s); backing off", exc)
-            with self.clients_lock:
-                del self.clients[sock]
-            serving_sockets.discard(sock)
-            sock.close()
-            return False
-        return True
-
-    def _work(self, worker: _Worker, sock: socket.socket | None) -> None:
-        """A client thread: serves one client at a time, then waits a while for the next.
-
-        Reusing threads spares each new connection a thread start, a large
-        part of a short connection's cost; each client still has a thread
-        of its own for as long as it stays connected.
-        """
-        while sock is not None:
-            self._serve_client(sock)
-            with self.clients_lock:
-                if self.stopping or len(self.idle) >= _MAX_IDLE_WORKERS:
-                    return
-                self.idle.append(worker)
-            try:
-                sock = worker.jobs.get(timeout=_IDLE_WORKER_SECONDS)
-            except queue.Empty:
-                with self.clients_lock:
-                    if worker in self.idle:
-                        self.idle.remove(worker)
-                        return
-                sock = worker.jobs.get()  # claimed just as the wait ended: the job is coming
-
-    def _serve_client(self, sock: socket.socket) -> None:
-        settings = self.settings
-        channel = Channel(sock, wire=settings.wire)
-        channel.share_descriptor_budget(self.descriptor_budget)
-        try:
-            peer = _peer_of(channel)  # now: a refused channel is closed before it is logged
-            if peer is None:
-                logger.debug("a client hung up before it could be served")
+            if conn.stage != AUTHENTICATED and not self._authenticate(conn, hurry):
                 return
-            try:
-                server_handshake(
-                    channel,
-                    settings.key,
-                    settings.allowed_uids,
-                    settings.handshake_timeout,
-                    peer,
-                )
-            except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout) as exc:
-                logger.warning(
-                    "refused a connection from pid %d uid %d: %s", peer.pid, peer.uid, exc
-                )
+            idle = self.settings.client_idle_timeout
+            if conn.serve(self.dispatcher, hurry, self._wait_more, idle):
+                self._park(conn)
                 return
-            channel.timeout = settings.client_idle_timeout
-            self.dispatcher.converse(channel, peer)
         except Exception:
             logger.exception("a client connection failed")
-        finally:
-            serving_sockets.discard(sock)
-            with self.clients_lock:
-                self.clients.pop(sock, None)
-                channel.close()
+        self._close(conn)
+
+    def _wait_more(self, idle: float) -> bool:
+        """Whether a pool thread goes on waiting for its connection, ``idle`` s without a request."""
+        return idle < PATIENCE and self.pool.roomy()
+
+    def _authenticate(self, conn: ServerConnection, hurry: object) -> bool:
+        """Take ``conn``'s handshake as far as its bytes allow; False if it was parked or refused."""
+        settings = self.settings
+        try:
+            if conn.stage == NEW:
+                conn.greet(
+                    settings.key, settings.allowed_uids, settings.wire, self.descriptor_budget
+                )
+            if not conn.advance(hurry):
+                self._park(conn)
+                return False
+        except (AuthenticationError, ProtocolError, ConnectionClosed, Timeout) as exc:
+            self._refused(conn, self.deadlines.late() if conn.expired else exc)
+            return False
+        except OSError:  # from greet(): the kernel has no credentials to tell
+            logger.debug("a client hung up before it could be served")
+            self._close(conn)
+            return False
+        conn.authenticated(settings.client_idle_timeout)
+        self.dispatcher.opened()
+        return True
+
+    def _park(self, conn: ServerConnection) -> None:
+        """Hand ``conn`` back to the poller, idle (or close it if the server is stopping)."""
+        with self.lock:
+            stopping = self.stopping
+            if not stopping:
+                self.deadlines.park(conn)
+        if stopping:
+            self._close(conn)
+            return
+        try:
+            if conn.registered:
+                self.epoll.modify(conn.fd, _ARMED)
+            else:
+                conn.registered = True
+                self.epoll.register(conn.fd, _ARMED)
+        except (OSError, ValueError):  # closed meanwhile, or the server's loop has ended
+            self._close(conn)
+
+    def _close(self, conn: ServerConnection) -> None:
+        """Close ``conn`` for good, from whichever thread holds it; idempotent."""
+        with self.lock:
+            if conn.state == CLOSED:
+                return
+            conn.state = CLOSED
+            self.connections.pop(conn.fd, None)  # before its number can be reused
+        if conn.registered:
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(conn.fd)
+        serving_sockets.discard(conn.sock)
+        conn.close()
+        if conn.stage == AUTHENTICATED:
+            self.dispatcher.closed()
+
+    # Stopping ---------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Stop accepting, remove the socket file, let running handlers finish within a bound."""
         self.listener.close()
         self.app.files.remove(self.identity)
-        with self.clients_lock:
-            for worker in self.idle:
-                worker.jobs.put(None)
-            self.idle.clear()
-            clients = list(self.clients.items())
-            for sock, _ in clients:
-                # Ends each thread's wait for a next request; a running handler
-                # still finishes and sends its reply.
+        with self.lock:
+            self.stopping = True
+            connections = list(self.connections.values())
+        for conn in connections:
+            if conn.state == PARKED:
+                self._close(conn)  # no thread holds it
+            else:
+                # Ends a pool thread's wait for a next request; a running
+                # handler still finishes and sends its reply.
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RD)
-        deadline = time.monotonic() + self.settings.shutdown_timeout
-        for _, thread in clients:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        busy = sum(thread.is_alive() for _, thread in clients)
+                    conn.sock.shutdown(socket.SHUT_RD)
+        busy = self.pool.close(self.settings.shutdown_timeout)
         if busy:
             logger.warning(
                 "%d handler(s) still running after %s s; leaving them",

@@ -19,7 +19,13 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
-from ._errors import AuthenticationError, DecodeError, ProtocolError, UnknownMessage
+from ._errors import (
+    AuthenticationError,
+    DecodeError,
+    ProtocolError,
+    ServerBusy,
+    UnknownMessage,
+)
 from ._types import DEFAULT_TYPES, TypeRegistry, error_name, nearest_builtin
 from ._wire import Kind, brief, describe_value
 
@@ -43,11 +49,10 @@ ERROR_BAD_REQUEST = "bad_request"  # a request the server could not take
 ERROR_AUTHENTICATION = "authentication"  # the handshake failed
 ERROR_UNKNOWN_KIND = "unknown_kind"  # a frame kind this side does not implement
 ERROR_UNDECODABLE = "undecodable"  # a request holding a value the server cannot rebuild
+ERROR_BUSY = "busy"  # the server is at its connection limit (sent instead of its challenge)
 #: Reserved for the features that come next, so that their meaning is fixed
-#: before any peer sends them: a server at its connection limit ("busy"), a
-#: stream ended early by either side ("cancelled"), a status request this
-#: server does not answer ("unavailable").
-ERROR_BUSY = "busy"
+#: before any peer sends them: a stream ended early by either side
+#: ("cancelled"), a status request this server does not answer ("unavailable").
 ERROR_CANCELLED = "cancelled"
 ERROR_UNAVAILABLE = "unavailable"
 
@@ -101,6 +106,8 @@ def error_from_payload(payload: Any, types: TypeRegistry = DEFAULT_TYPES) -> Exc
         return UnknownMessage(message)
     if code == ERROR_AUTHENTICATION:
         return AuthenticationError(message)
+    if code == ERROR_BUSY:
+        return ServerBusy(message)
     if code in (ERROR_BAD_REQUEST, ERROR_UNKNOWN_KIND):
         return ProtocolError(f"the server refused the request: {message}")
     if code == ERROR_UNDECODABLE:
@@ -230,6 +237,16 @@ def unsendable(request_payload: Any, exc: Exception) -> Frame:
     name = request_payload[0] if type(request_payload) is list and request_payload else "?"
     return ERROR, error_payload(
         ERROR_REMOTE, "EncodeError", f"handler {name!r} returned a value that cannot be sent: {exc}"
+    )
+
+
+def busy(limit: int) -> Frame:
+    """The ERROR frame a server at its connection limit sends to a connection it refuses."""
+    return ERROR, error_payload(
+        ERROR_BUSY,
+        "ServerBusy",
+        f"the server holds {limit} connections, its limit (max_connections): this one was "
+        "refused; try again later",
     )
 
 

@@ -36,7 +36,7 @@ from ._client import Proxy, proxy_class, server_status
 from ._errors import ConfigurationError, ServerAlreadyStarted, ServerNotStarted
 from ._forking import WorkerMethods
 from ._handshake import DEFAULT_HANDSHAKE_TIMEOUT, password_key
-from ._loop import App, ServeLoop, Settings
+from ._loop import DEFAULT_THREADS, App, ServeLoop, Settings
 from ._process import (
     STOP,
     ServerProcess,
@@ -60,7 +60,7 @@ logger = logging.getLogger("passrpc")
 
 
 class Server(WorkerMethods):
-    """A passrpc server: handlers on a password-protected Unix socket, a thread per client.
+    """A passrpc server: handlers on a password-protected Unix socket, a pool of threads.
 
     Register handlers with :meth:`handler` (or :func:`passrpc.handler` on
     methods of a subclass), then :meth:`start` it in a forked child (or
@@ -92,6 +92,9 @@ class Server(WorkerMethods):
             server closes it; None for never.
         start_timeout: seconds :meth:`start` waits for the server to be ready.
         backlog: the listen backlog.
+        max_connections: connections held at once, authenticated or not (None:
+            4,096, or half of ``RLIMIT_NOFILE``); one more gets :class:`ServerBusy`.
+        threads: the most threads serving clients at once; idle clients hold none.
     """
 
     def __init__(
@@ -110,6 +113,8 @@ class Server(WorkerMethods):
         client_idle_timeout: float | None = None,
         start_timeout: float = 30.0,
         backlog: int = 1024,
+        max_connections: int | None = None,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
         self._files = SocketFile.choose(socket_path, socket_mode)
         self._password = secrets.token_urlsafe(32) if password is None else password
@@ -124,6 +129,8 @@ class Server(WorkerMethods):
             client_idle_timeout=client_idle_timeout,
             shutdown_timeout=shutdown_timeout,
             backlog=backlog,
+            max_connections=max_connections,
+            threads=threads,
         )
         self._keep_fds = frozenset(keep_fds)
         self._start_timeout = start_timeout

@@ -79,6 +79,7 @@ def unlink_if_ours(path: str, ours: tuple[int, int]) -> None:
 
 # The server -----------------------------------------------------------------
 
+
 @attrs.define
 class SocketFile:
     """Where one server listens: the path, the private directory made for it, the file mode.

@@ -251,7 +251,9 @@ class Encoder:
             raise _unencodable(obj)
         fd = fileno()
         if not isinstance(fd, int) or not 0 <= fd <= _MAX_FD:
-            raise EncodeError(f"{brief(obj)}.fileno() returned {brief(fd)}, not a descriptor number")
+            raise EncodeError(
+                f"{brief(obj)}.fileno() returned {brief(fd)}, not a descriptor number"
+            )
         fds = self._fds
         fds.append(fd)
         index = len(fds) - 1

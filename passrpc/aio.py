@@ -71,7 +71,6 @@ def _check_max_connections(max_connections: object) -> None:
         )
 
 
-
 # The pool -------------------------------------------------------------------
 
 
@@ -491,7 +490,9 @@ async def connect(
     password = find_password(path, password, password_file)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     try:
-        channel = await open_async_channel(path, password_key(password), wire, deadline, server_uids)
+        channel = await open_async_channel(
+            path, password_key(password), wire, deadline, server_uids
+        )
         try:
             cls = await _describe(channel, path, deadline)
             proxy = cls(path, password, timeout=timeout, wire=wire, max_connections=max_connections, server_uids=server_uids)  # fmt: skip
@@ -499,7 +500,9 @@ async def connect(
             channel.close()
             raise
     except Expired:
-        raise Timeout(f"the server at {path!r} did not answer within the timeout of {timeout} s") from None
+        raise Timeout(
+            f"the server at {path!r} did not answer within the timeout of {timeout} s"
+        ) from None
     proxy._pool.add(channel)
     proxy._pool.idle.append(channel)
     return proxy

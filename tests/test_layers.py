@@ -40,6 +40,8 @@ LAYERS = {
     "_loop": 3,
     "_forkserver": 3,
     "_workers": 3,
+    "_pool": 3,
+    "_connection": 3,
     # 4: the clients (they know nothing of the server)
     "_clientcore": 4,
     "_client": 4,

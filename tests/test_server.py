@@ -268,7 +268,7 @@ class TestAdversarialClients:
             assert channel.read()[1] == 1234
 
     def test_fifty_clients_in_parallel(self) -> None:
-        """50 clients at once, each served by its own thread: a barrier of 50 is passed."""
+        """50 clients at once, each call held in a pool thread of its own: a barrier of 50 is passed."""
         server = Server()
         barrier = threading.Barrier(50)
 

@@ -54,7 +54,9 @@ class TestFailuresThatMustNotStopTheServer:
     def test_accept_backs_off_when_out_of_descriptors(self, sockdir: Path) -> None:
         """Out of descriptors, accept logs a warning and backs off; once freed, it serves again."""
         room = sockdir / "room"
-        server = Server()
+        # Far over the room: the default (half the descriptor limit) would
+        # refuse the extra clients as busy before accept() ran out.
+        server = Server(max_connections=100_000)
         server.add_handler("ok", lambda: "ok")
 
         @server.on_initialize_server

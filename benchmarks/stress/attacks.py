@@ -12,7 +12,7 @@ Run from the repository root (each stops by itself, within its time bound):
     python benchmarks/stress/attacks.py outcomes       # (6) every handler outcome
     python benchmarks/stress/attacks.py pipelined      # a request pipelined behind a refused proof
     python benchmarks/stress/attacks.py handshake-time # silent and trickling strangers
-    python benchmarks/stress/attacks.py threads        # 1,000 idle clients: a thread each
+    python benchmarks/stress/attacks.py threads        # 1,000 idle clients: the threads they cost
 
 Every attack runs against a server started with ``passrpc.Server.start()``
 (a forked process) over AF_UNIX sockets only; the server's descriptors and
@@ -665,7 +665,7 @@ def handshake_time(args: argparse.Namespace) -> None:
 
 
 def threads(args: argparse.Namespace) -> None:
-    heading(f"{args.idle} authenticated clients that stay idle: a server thread each")
+    heading(f"{args.idle} authenticated clients that stay idle: the server threads they cost")
     for idle_timeout in (None, 1.0):
         with attacked_server(client_idle_timeout=idle_timeout) as (server, _):
             assert server.pid is not None
@@ -697,7 +697,7 @@ def threads(args: argparse.Namespace) -> None:
                 sock.close()
             time.sleep(1.0)
             print(
-                f"   once they all left: threads {thread_count(pid)} (up to 16 idle ones are "
+                f"   once they all left: threads {thread_count(pid)} (idle pool threads are "
                 f"kept 30 s for the next clients), descriptors {fd_count(pid)}"
             )
 
