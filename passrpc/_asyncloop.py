@@ -47,6 +47,7 @@ class AsyncLoop:
         self.loop = asyncio.new_event_loop()
         self._replied = replied
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._watching: dict[asyncio.Task[Any], int] = {}  # tasks whose socket is watched
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="passrpc-asyncio", daemon=True)
 
@@ -84,32 +85,43 @@ class AsyncLoop:
 
     def _begin(self, conn: ServerConnection, call: AsyncCall) -> None:
         loop = self.loop
-        task = loop.create_task(call.reply())
+        task = loop.create_task(self._await(conn, call))
         self._tasks.add(task)
-        fd = conn.fd
-        watching = True
+        # Runs after the task's first step: a handler that returned without
+        # waiting for anything needs no watch (two epoll_ctl calls spared).
+        loop.call_soon(self._watch, task, conn)
 
-        def readable() -> None:
-            # The only read of the socket while the task runs: a peek. End of
-            # stream is a client gone (it closed, or its call timed out):
-            # cancel. Bytes are a request sent behind this one: they wait
-            # for the reply, and so does any hang-up after them.
-            nonlocal watching
-            watching = False
-            loop.remove_reader(fd)
-            if conn.hung_up():
-                logger.debug("the client of %r left; cancelling it", call.entry.name)
-                task.cancel()
+    async def _await(self, conn: ServerConnection, call: AsyncCall) -> None:
+        task = asyncio.current_task()
+        ok = False
+        try:
+            await call.reply()
+            ok = True
+        except asyncio.CancelledError:
+            logger.debug("cancelled the call of %r", call.entry.name)
+        except BaseException:  # GeneratorExit and the like: AsyncCall.reply reports the rest
+            logger.exception("the call of %r failed", call.entry.name)
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            if self._watching.pop(task, None) is not None:  # type: ignore[arg-type]
+                self.loop.remove_reader(conn.fd)
+        # Here, not in a done callback: that would cost the loop another turn.
+        self._replied(conn, call if ok else None)
 
-        def done(task: asyncio.Task[Any]) -> None:
-            self._tasks.discard(task)
-            if watching:
-                loop.remove_reader(fd)
-            ok = not task.cancelled() and task.exception() is None
-            self._replied(conn, call if ok else None)
+    def _watch(self, task: asyncio.Task[Any], conn: ServerConnection) -> None:
+        if not task.done():
+            self._watching[task] = conn.fd
+            self.loop.add_reader(conn.fd, self._readable, task, conn)
 
-        loop.add_reader(fd, readable)
-        task.add_done_callback(done)
+    def _readable(self, task: asyncio.Task[Any], conn: ServerConnection) -> None:
+        # The only read of the socket while the task runs: a peek. End of
+        # stream is a client gone (it closed, or its call timed out): cancel.
+        # Bytes are a request sent behind this one: they wait for the reply,
+        # and so does any hang-up after them.
+        del self._watching[task]
+        self.loop.remove_reader(conn.fd)
+        if conn.hung_up():
+            task.cancel()
 
     def running(self) -> int:
         """How many calls the loop awaits now (read from any thread: a hint)."""
