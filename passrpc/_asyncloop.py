@@ -102,7 +102,7 @@ class AsyncLoop:
         except BaseException:  # GeneratorExit and the like: AsyncCall.reply reports the rest
             logger.exception("the call of %r failed", call.entry.name)
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             if self._watching.pop(task, None) is not None:  # type: ignore[arg-type]
                 self.loop.remove_reader(conn.fd)
         # Here, not in a done callback: that would cost the loop another turn.
@@ -144,7 +144,7 @@ class AsyncLoop:
                 await asyncio.wait(late, timeout=CANCEL_GRACE)
             return len(late)
 
-        return asyncio.run_coroutine_threadsafe(drain(), self.loop).result()  # type: ignore[no-any-return]
+        return asyncio.run_coroutine_threadsafe(drain(), self.loop).result()
 
     def stop(self) -> None:
         """Stop the loop and wait for its thread to end."""

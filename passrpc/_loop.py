@@ -163,6 +163,24 @@ class App:
     forks: ForkServerLink | None = None
 
 
+def start_event_loop(registry: Registry, replied: Callable[..., None]) -> AsyncLoop:
+    """Start the event loop of the async handlers and hooks (after the fork server is forked)."""
+    from ._asyncloop import AsyncLoop  # asyncio is loaded only when wanted
+
+    asyncloop = AsyncLoop(replied)
+    asyncloop.start()
+    registry.awaiter = asyncloop.await_
+    return asyncloop
+
+
+def run_hook(fn: Callable[[], Any], asyncloop: AsyncLoop | None) -> None:
+    """Run a server hook; an overriding ``async def`` is awaited on the event loop."""
+    result = fn()
+    if inspect.isawaitable(result):
+        assert asyncloop is not None  # started for an async hook
+        asyncloop.await_(result)
+
+
 class ServeLoop:
     """One run of a server's main loop, in whichever process serves it.
 
@@ -274,10 +292,11 @@ class ServeLoop:
                 # First, while this process runs no thread and initialize_server
                 # has not started any: workers are forked from there.
                 app.forks.start()
-            self._start_asyncloop()
+            if app.registry.needs_event_loop(app.initialize, app.finalize):
+                self.asyncloop = start_event_loop(app.registry, self._replied)
             self._install_signals()
             try:
-                self._hook(app.initialize)
+                run_hook(app.initialize, self.asyncloop)
             except BaseException:
                 self.listener.close()  # nobody will accept: take the socket away now
                 app.files.remove(self.identity)
@@ -293,7 +312,7 @@ class ServeLoop:
             finally:
                 self.stopping = True  # also if _poll raised: no connection is parked again
                 self._shutdown()
-                self._hook(app.finalize)
+                run_hook(app.finalize, self.asyncloop)
         finally:
             if self.asyncloop is not None:  # after finalize_server, which may await on it
                 self.app.registry.awaiter = None
@@ -306,24 +325,6 @@ class ServeLoop:
             self.epoll.close()
             serving_sockets.difference_update(own)  # another loop in this process keeps its own
             self.done.set()
-
-    def _start_asyncloop(self) -> None:
-        """Start the event loop's thread if an async handler or hook needs it (after the fork server)."""
-        app = self.app
-        hooks = (app.initialize, app.finalize)
-        if app.registry.needs_event_loop() or any(map(inspect.iscoroutinefunction, hooks)):
-            from ._asyncloop import AsyncLoop  # asyncio is loaded only when wanted
-
-            self.asyncloop = AsyncLoop(self._replied)
-            self.asyncloop.start()
-            app.registry.awaiter = self.asyncloop.await_
-
-    def _hook(self, fn: Callable[[], Any]) -> None:
-        """Run a server hook; an overriding ``async def`` is awaited on the event loop."""
-        result = fn()
-        if inspect.isawaitable(result):
-            assert self.asyncloop is not None  # started for an async hook
-            self.asyncloop.await_(result)
 
     # The poller ---------------------------------------------------------------
 
@@ -483,7 +484,7 @@ class ServeLoop:
             if outcome is not False:  # an async call: the event loop holds it now
                 assert self.asyncloop is not None  # started for the async handlers
                 conn.state = AWAITING
-                self.asyncloop.submit(conn, outcome)  # type: ignore[arg-type]
+                self.asyncloop.submit(conn, outcome)
                 return
         except Exception:
             logger.exception("a client connection failed")
@@ -494,17 +495,15 @@ class ServeLoop:
         if call is None:  # cancelled: the client left, or the server is stopping
             self._close(conn)
             return
-        conn.pending = call
         with self.lock:
-            stopping = self.stopping
-            if not stopping:
+            if not self.stopping:
                 conn.state = QUEUED
-        if not stopping:
+        if conn.state == QUEUED:
+            conn.pending = call
             self._submit(conn)
             return
         # The pool is closing: the reply goes out from here (bounded by the send timeout).
         with contextlib.suppress(ConnectionClosed, Timeout):
-            conn.pending = None
             call.send(conn.channel)
         self._close(conn)
 

@@ -251,10 +251,11 @@ class Registry:
         self.hooks[hook].append(fn)
         return fn
 
-    def needs_event_loop(self) -> bool:
-        """Whether the server process needs its event loop: an async handler or an async hook."""
+    def needs_event_loop(self, *hooks: Callable[[], Any]) -> bool:
+        """Whether the server process needs its event loop: an async handler, hook, or one of ``hooks``."""
+        fns = [*hooks, *self.hooks["initialize_server"], *self.hooks["finalize_server"]]
         return any(h.is_async for h in self.handlers.values()) or any(
-            inspect.iscoroutinefunction(fn) for hook in ASYNC_HOOKS for fn in self.hooks[hook]
+            map(inspect.iscoroutinefunction, fns)
         )
 
     def run_hooks(self, hook: str) -> None:

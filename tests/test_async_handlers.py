@@ -221,15 +221,15 @@ class TestOverlap:
         srv = Server(threads=4)
 
         @srv.handler()
-        async def slow(i: int) -> int:
-            await asyncio.sleep(0.5)
+        async def slow(i: int, seconds: float = 0.5) -> int:
+            await asyncio.sleep(seconds)
             return i
 
         with srv:
             proxies = [srv.proxy(timeout=WAIT) for _ in range(50)]
             try:
-                for proxy in proxies:  # connected and described before the clock starts
-                    proxy.slow  # noqa: B018
+                for i, proxy in enumerate(proxies):  # connected before the clock starts
+                    assert proxy.slow(-i, 0) == -i
                 start = threading.Barrier(len(proxies))
 
                 def call(i: int) -> float:
@@ -258,19 +258,23 @@ class TestOverlap:
             Gate.hold(started, release)
 
         gate = Gate()
-        with srv, srv.proxy(timeout=WAIT) as blocker, srv.proxy(timeout=WAIT) as proxy:
-            with ThreadPoolExecutor(1) as pool:
-                try:
-                    blocked = pool.submit(blocker.block, *gate.args())
-                    gate.wait_started_blocking()
-                    begun = time.monotonic()
-                    for i in range(20):
-                        assert proxy.echo(i) == i
-                    assert time.monotonic() - begun < 1.0
-                    assert not blocked.done()
-                finally:
-                    gate.close()
-                blocked.result(WAIT)
+        with (
+            srv,
+            srv.proxy(timeout=WAIT) as blocker,
+            srv.proxy(timeout=WAIT) as proxy,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            try:
+                blocked = pool.submit(blocker.block, *gate.args())
+                gate.wait_started_blocking()
+                begun = time.monotonic()
+                for i in range(20):
+                    assert proxy.echo(i) == i
+                assert time.monotonic() - begun < 1.0
+                assert not blocked.done()
+            finally:
+                gate.close()
+            blocked.result(WAIT)
 
 
 class TestCancellation:
