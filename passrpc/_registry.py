@@ -59,8 +59,9 @@ def handler(name: Any = None, *, raw: bool = False) -> Any:
 
     ``name`` defaults to the method's name (``@passrpc.handler`` without
     parentheses works too). With ``raw=True`` the method gets the
-    :class:`Channel` after ``self`` and converses itself. The method is
-    returned unchanged.
+    :class:`Channel` after ``self`` and converses itself. An ``async def``
+    method is awaited on the server's event loop. The method is returned
+    unchanged.
     """
     if callable(name):
         name._passrpc_handler = (name.__name__, raw)
