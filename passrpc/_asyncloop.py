@@ -62,10 +62,13 @@ class AsyncLoop:
         loop.call_soon(self._ready.set)
         try:
             loop.run_forever()
-            # Stopped: what is still running had its chance (cancel_all).
-            for task in asyncio.all_tasks(loop):
+            # Stopped: what still runs (tasks a handler started, say) had its
+            # chance; cancel it and give it a moment for its finally blocks.
+            left = asyncio.all_tasks(loop)
+            for task in left:
                 task.cancel()
-            loop.run_until_complete(asyncio.sleep(0))
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=CANCEL_GRACE))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
@@ -131,7 +134,7 @@ class AsyncLoop:
         """Let the running calls end by ``deadline`` (a ``time.monotonic()``), then cancel the rest.
 
         Cancelled handlers get :data:`CANCEL_GRACE` seconds to run their
-        ``finally``. Returns how many calls were cancelled.
+        ``finally``. Returns how many calls were cancelled (logged as a warning).
         """
 
         async def drain() -> int:
@@ -141,6 +144,7 @@ class AsyncLoop:
             for task in late:
                 task.cancel()
             if late:
+                logger.warning("cancelling %d async handler(s) still running", len(late))
                 await asyncio.wait(late, timeout=CANCEL_GRACE)
             return len(late)
 

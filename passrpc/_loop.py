@@ -246,7 +246,10 @@ class ServeLoop:
         self.asyncloop: AsyncLoop | None = None
 
     def in_client_thread(self) -> bool:
-        return self.pool.owns(threading.current_thread())
+        thread = threading.current_thread()
+        return self.pool.owns(thread) or (
+            self.asyncloop is not None and thread is self.asyncloop.thread
+        )
 
     def request_stop(self) -> None:
         self.stopping = True
@@ -588,13 +591,7 @@ class ServeLoop:
                     conn.sock.shutdown(socket.SHUT_RD)
         busy = self.pool.close(self.settings.shutdown_timeout)
         if self.asyncloop is not None:
-            cancelled = self.asyncloop.cancel_all(deadline)
-            if cancelled:
-                logger.warning(
-                    "cancelled %d async handler(s) still running after %s s",
-                    cancelled,
-                    self.settings.shutdown_timeout,
-                )
+            self.asyncloop.cancel_all(deadline)
         if busy:
             logger.warning(
                 "%d handler(s) still running after %s s; leaving them",

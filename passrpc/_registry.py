@@ -265,5 +265,9 @@ class Registry:
             result = fn()
             if inspect.isawaitable(result):
                 if self.awaiter is None:  # not in a server process that runs its loop
-                    raise ConfigurationError(f"the async on_{hook} hook {fn!r} has no event loop")
+                    raise ConfigurationError(
+                        f"the async on_{hook} hook {fn!r} needs the server's event loop, which "
+                        "only a server process runs (not a Server run as a worker): make it a "
+                        "plain def"
+                    )
                 self.awaiter(result)
