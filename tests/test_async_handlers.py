@@ -399,3 +399,32 @@ def test_no_descriptor_or_process_left(no_fd_leak: None, marks: Path) -> None:
         with srv.proxy(timeout=WAIT) as proxy:
             assert proxy.echo(2) == 2
     assert not srv.alive
+
+
+def test_stop_from_an_async_handler_under_serve(sockdir: Path) -> None:
+    """Under serve(), an async handler's stop() ends the loop without waiting on itself."""
+    path = sockdir / "s.sock"
+    srv = Server(socket_path=str(path))
+
+    @srv.handler()
+    async def halt() -> str:
+        srv.stop()
+        return "stopping"
+
+    thread = threading.Thread(target=srv.serve)
+    thread.start()
+    try:
+        wait_for(path.exists, what="the server to listen")
+        with srv.proxy(timeout=WAIT) as proxy:
+            begun = time.monotonic()
+            try:
+                assert proxy.halt() == "stopping"
+            except passrpc.ConnectionClosed:
+                pass  # the loop may close the connection first: the server is stopping
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert time.monotonic() - begun < 3.0  # stop()'s own wait would take its 4 s
+    finally:
+        if thread.is_alive():
+            srv.stop()
+        thread.join(WAIT)
