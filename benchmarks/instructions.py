@@ -30,6 +30,8 @@ server_call   a call's server side: the request read from a Channel, dispatched
 proxy_attrs   proxy_client, with a registered attrs instance of five fields as
               the argument and in the canned reply
 server_attrs  server_call, with that instance in the request and the reply
+server_mixed  server_call, on a dispatcher that also has an async handler:
+              async handlers must not slow plain calls
 
 ``--types N`` registers N attrs classes (codes 100 and up) in the default
 registry before the loop: registering types must not slow plain calls.
@@ -54,6 +56,7 @@ OPERATIONS = (
     "server_call",
     "proxy_attrs",
     "server_attrs",
+    "server_mixed",
 )
 RUNS = (1000, 3000)
 
@@ -88,6 +91,14 @@ def run(operation: str, n: int, types: int = 0) -> None:
 
     register_types(types)
     value: object = 1  # what the calls carry
+    handlers = {"echo": Handler("echo", lambda x: x, False)}
+    if operation == "server_mixed":
+
+        async def aecho(x: object) -> object:
+            return x
+
+        handlers["aecho"] = Handler("aecho", aecho, False, True)
+        operation = "server_call"
     if operation.endswith("_attrs"):
 
         @passrpc.register_type(code=99)
@@ -174,7 +185,7 @@ def run(operation: str, n: int, types: int = 0) -> None:
         c, d = Channel.pair()
         client_end = d._sock
         sink = bytearray(65536)
-        dispatcher = Dispatcher({"echo": Handler("echo", lambda x: x, False)})
+        dispatcher = Dispatcher(handlers)
         receive, send, dispatch = c.receive_waiting, c.send_frame, dispatcher.dispatch
         hurry = collections.deque()  # the pool's backlog, as Dispatcher.serve asks it
         request = encode_frame(0, ("echo", value))[0]

@@ -280,11 +280,25 @@ def _serve_rpyc(ready: Callable[[], None], path: str) -> None:
 
 
 def _passrpc_server(
-    stack: contextlib.ExitStack, d: str, cpu: int | None, name: str = "p"
+    stack: contextlib.ExitStack, d: str, cpu: int | None, name: str = "p", with_async: bool = False
 ) -> passrpc.Server:
-    """A started passrpc server with ``echo`` and ``fd`` handlers, pinned like the client."""
+    """A started passrpc server with ``echo`` and ``fd`` handlers, pinned like the client.
+
+    ``with_async`` adds the async handler ``aecho`` (and so the event loop's
+    thread, pinned too).
+    """
     server = passrpc.Server(socket_path=os.path.join(d, name + ".sock"))
     pipe: list[int] = []
+
+    if with_async:
+
+        @server.handler("aecho")
+        async def aecho(x: Any) -> Any:
+            return x
+
+        @server.on_initialize_server
+        async def pin_loop() -> None:  # the loop's thread starts before initialize_server
+            pin(cpu)
 
     @server.handler("echo")
     def echo(x: Any) -> Any:
@@ -444,6 +458,18 @@ def w1_channel(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
 
 def w1_passrpc(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
     proxy = _passrpc_server(stack, d, cpu).proxy()
+    stack.callback(proxy.close)
+    return proxy.echo  # type: ignore[no-any-return]
+
+
+def w1_passrpc_async(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
+    proxy = _passrpc_server(stack, d, cpu, name="async", with_async=True).proxy()
+    stack.callback(proxy.close)
+    return proxy.aecho  # type: ignore[no-any-return]
+
+
+def w1_passrpc_mixed(stack: contextlib.ExitStack, d: str, cpu: int | None) -> Call:
+    proxy = _passrpc_server(stack, d, cpu, name="mixed", with_async=True).proxy()
     stack.callback(proxy.close)
     return proxy.echo  # type: ignore[no-any-return]
 
@@ -744,6 +770,13 @@ def run_w1(run: Run, s: Settings) -> None:
             w1_passrpc_attrs,
             "passrpc",
         ),
+        ("passrpc_async", "passrpc proxy, async def handler", w1_passrpc_async, "passrpc"),
+        (
+            "passrpc_mixed",
+            "passrpc proxy, plain handler of a server with async ones",
+            w1_passrpc_mixed,
+            "passrpc",
+        ),
         ("mp_connection", "multiprocessing.connection", w1_mp_connection, "floor"),
         ("managers", "multiprocessing.managers proxy", w1_managers, "floor"),
     ]
@@ -968,6 +1001,12 @@ def targets(run: Run, s: Settings) -> list[Target]:
                     f"{proxy / floor:.2f}x the floor",
                     proxy / floor / 1.2,
                 )
+            )
+        aio = value("W1", "passrpc_async")
+        if proxy and aio:
+            extra = (aio - proxy) * 1e6
+            out.append(
+                Target("W1", "async handler ≤ plain + 30 µs", f"+{extra:.1f} µs", extra / 30)
             )
         for key, name, factor in (
             ("managers", "multiprocessing.managers", 1),

@@ -214,6 +214,8 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     for info in sorted(described, key=lambda item: str(item["name"])):
         raw = "  [raw: converses on the channel]" if info.get("raw") else ""
+        if info.get("async"):
+            raw += "  [async]"
         print(f"{info['name']}{info.get('signature', '(...)')}{raw}")
         for line in (info.get("doc") or "").splitlines():
             print(f"    {line}" if line else "")

@@ -16,8 +16,14 @@ state    where it is                                moved on by
 QUEUED   waiting for a pool thread, first come      the pool thread
 SERVING  a pool thread takes its handshake or calls that thread
 PARKED   idle in the poller: no thread, no buffer   the poller
+AWAITING its async handler runs on the event loop      the event loop
 CLOSED   gone                                       nobody
 ======== ========================================== =====================
+
+An async handler's call (:class:`~passrpc._dispatch.AsyncCall`) leaves the
+pool thread at once: the connection waits AWAITING, watched by the event
+loop only for a hang-up (:mod:`passrpc._asyncloop`), and goes back QUEUED
+with its reply, which the next pool thread sends before it reads on.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections.abc import Callable, Collection
 
 from ._auth import check_uid
 from ._channel import Channel, DescriptorBudget, Peer
-from ._dispatch import Dispatcher, RawCall
+from ._dispatch import AsyncCall, Dispatcher, RawCall
 from ._errors import AuthenticationError, ConnectionClosed, Timeout
 from ._handshake import (
     HANDSHAKE_MAX_FRAME,
@@ -49,7 +55,7 @@ from ._protocol import HANDSHAKE
 from ._wire import WireOptions
 
 NEW, HELLO, PROOF, AUTHENTICATED = range(4)  # stages: what the connection waits for next
-QUEUED, SERVING, PARKED, CLOSED = range(4)  # states
+QUEUED, SERVING, PARKED, CLOSED, AWAITING = range(5)  # states
 
 #: Seconds a pool thread waits for a connection's next bytes (a request, or
 #: the handshake's next step) before it parks the connection; while another
@@ -101,6 +107,7 @@ class ServerConnection:
         "expired",
         "fd",
         "peer",
+        "pending",
         "registered",
         "sock",
         "stage",
@@ -124,6 +131,8 @@ class ServerConnection:
         self.timed = False
         self.registered = False  # in the poller's epoll set (from its first parking on)
         self.expired = False  # its handshake ran out of time while a thread held it
+        #: An async call whose reply waits to be sent by the next pool thread.
+        self.pending: AsyncCall | None = None
 
     def who(self) -> str:
         """The peer for a log line: its pid and uid, as the kernel told them at accept."""
@@ -223,24 +232,38 @@ class ServerConnection:
         hurry: object,
         wait_more: Callable[[float], bool],
         idle_timeout: float | None,
-    ) -> bool:
+    ) -> bool | AsyncCall:
         """Serve the client's requests while they keep coming, in a pool thread.
 
         ``hurry`` and ``wait_more`` say when to stop waiting for the next
-        request (see :meth:`Dispatcher.serve`).
+        request (see :meth:`Dispatcher.serve`). An async call's reply that
+        came back (:attr:`pending`) is sent first.
 
         Returns:
             True to park the connection (its receive buffer is let go of);
-            False when it is over (the caller closes it).
+            False when it is over (the caller closes it); an
+            :class:`AsyncCall` for the event loop to await (its receive
+            buffer is kept: a request may wait there behind it).
         """
         channel = self.channel
         channel.reserve_buffer()
+        call = self.pending
+        if call is not None:
+            self.pending = None
+            try:
+                call.send(channel)
+            except (ConnectionClosed, Timeout):
+                return False
         while True:
             outcome = dispatcher.serve(channel, self.peer, hurry, wait_more)  # type: ignore[arg-type]
             if outcome is True:
                 channel.release_buffer()
                 return True
-            if outcome is False or not self._converse(outcome, idle_timeout):
+            if outcome is False:
+                return False
+            if type(outcome) is AsyncCall:
+                return outcome
+            if not self._converse(outcome, idle_timeout):  # type: ignore[arg-type]
                 return False
 
     def _converse(self, call: RawCall, idle_timeout: float | None) -> bool:

@@ -15,6 +15,7 @@ figures, and logs each call at DEBUG.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -54,6 +55,9 @@ from ._wire import PROTOCOL_VERSION
 logger = logging.getLogger("passrpc")
 
 _peer = threading.local()
+#: The peer of an async handler's call: set in its task's own context, so that
+#: what it runs in other threads (asyncio.to_thread) sees it too.
+_async_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("passrpc_peer")
 _now = time.perf_counter_ns
 #: What a handler may raise and still get an error reply: anything, so that a
 #: handler's sys.exit() (or a stray KeyboardInterrupt) cannot end its
@@ -67,24 +71,33 @@ def current_peer() -> Peer:
     Call it from a handler (or a raw handler) to learn the client's pid, uid
     and gid as the kernel reports them, for your own authorization or audit.
 
+    In an ``async def`` handler it works in the handler's task, and in what
+    the task runs with ``asyncio.to_thread``.
+
     Raises:
-        LookupError: called outside a handler's thread.
+        LookupError: called outside a handler's thread or task.
     """
     try:
         return _peer.value  # type: ignore[no-any-return]
     except AttributeError:
+        pass
+    try:
+        return _async_peer.get()
+    except LookupError:
         raise LookupError("current_peer() works only inside a passrpc handler") from None
 
 
 class Served:
     """A handler as the dispatcher serves it: the registered handler and its counters."""
 
-    __slots__ = ("calls", "counters", "fn", "name", "raw")
+    __slots__ = ("calls", "counters", "fn", "name", "raw", "special")
 
     def __init__(self, handler: Handler, every_call: bool) -> None:
         self.name = handler.name
         self.fn = handler.fn
         self.raw = handler.raw
+        #: Raw or async: not called right away (one test for both on the hot path).
+        self.special = handler.raw or handler.is_async
         self.counters = HandlerCounters(time_every_call=every_call)
         self.calls = self.counters.calls  # next() on it counts a call: the hot path's one step
 
@@ -123,6 +136,83 @@ class RawCall:
         return not channel.closed
 
 
+class AsyncCall:
+    """A request for an async handler: awaited on the server's event loop (see :meth:`reply`).
+
+    The pool thread that read the request hands it to the loop and is free;
+    the loop awaits :meth:`reply`, and a pool thread sends the reply
+    (:meth:`send`).
+    """
+
+    __slots__ = ("args", "entry", "frame", "kwargs", "payload", "peer", "timed")
+
+    def __init__(
+        self,
+        entry: Served,
+        args: list[Any],
+        kwargs: dict[str, Any] | None,
+        timed: bool,
+        payload: Any,
+    ) -> None:
+        self.entry = entry
+        self.args = args
+        self.kwargs = kwargs
+        self.timed = timed
+        self.payload = payload  # the request's, for an unsendable reply's error
+        self.peer: Peer | None = getattr(_peer, "value", None)  # set by serve() in this thread
+        #: The reply, once :meth:`reply` has returned.
+        self.frame: Frame | None = None
+
+    async def reply(self) -> Frame:
+        """Await the handler and return its reply frame (an ERROR frame if it raised).
+
+        Cancellation is let through (CancelledError is neither an Exception
+        nor an exit): a cancelled call has no reply.
+        """
+        entry = self.entry
+        if self.peer is not None:
+            _async_peer.set(self.peer)  # in this task's own context
+        start = _now()
+        try:
+            result = await (
+                entry.fn(*self.args, **self.kwargs) if self.kwargs else entry.fn(*self.args)
+            )
+        except (Exception, KeyboardInterrupt, SystemExit):
+            next(entry.counters.errors)
+            if self.timed:
+                _timed(entry, start, "raised")
+            self.frame = frame = _report(entry.name)
+            return frame
+        if self.timed:
+            _timed(entry, start, "returned")
+        self.frame = frame = reply(result)
+        return frame
+
+    def send(self, channel: Channel) -> None:
+        """Send the reply on ``channel`` (an error reply if it cannot be sent); raises as send_frame."""
+        assert self.frame is not None
+        try:
+            channel.send_frame(*self.frame)
+        except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
+            channel.send_frame(*unsendable(self.payload, exc))
+        self.frame = None  # let go of the result now
+
+    def run(self, channel: Channel) -> bool:
+        """Await the handler in a fresh event loop in this thread, and send its reply.
+
+        For a conversation that has a thread to itself (:meth:`Dispatcher.converse`);
+        the server's loop awaits it on its event loop instead.
+        """
+        import asyncio  # only where an async handler runs without the server's loop
+
+        asyncio.run(self.reply())
+        try:
+            self.send(channel)
+        except (ConnectionClosed, Timeout):
+            return False
+        return not channel.closed
+
+
 def _report(name: str) -> Frame:
     """The ERROR frame for the exception a handler is raising now; logged at INFO."""
     exc_type, exc, tb = sys.exc_info()
@@ -139,7 +229,7 @@ def _timed(entry: Served, start: int, outcome: str) -> None:
     ns = _now() - start
     entry.counters.record(ns)
     if logger.isEnabledFor(logging.DEBUG):
-        peer = getattr(_peer, "value", None)
+        peer = getattr(_peer, "value", None) or _async_peer.get(None)
         logger.debug(
             "call %r from pid %s %s in %.3f ms",
             entry.name,
@@ -188,8 +278,8 @@ class Dispatcher:
             "handlers": {name: e.counters.summary() for name, e in self.handlers.items()},
         }
 
-    def dispatch(self, kind: int, payload: Any) -> Frame | RawCall:
-        """Return the reply frame to one request frame, or the :class:`RawCall` it starts.
+    def dispatch(self, kind: int, payload: Any) -> Frame | RawCall | AsyncCall:
+        """Return the reply frame to one request frame, or the :class:`RawCall` or :class:`AsyncCall` it starts.
 
         A handler's exception becomes an ERROR frame (and is logged); so do
         a malformed request, an unknown handler name and an unknown frame
@@ -213,8 +303,10 @@ class Dispatcher:
         if entry is None:
             return unknown_message(name, self.handlers)
         # next() counts the call; a multiple of SAMPLE_EVERY picks it for timing.
-        if entry.raw:
-            return RawCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY)
+        if entry.special:
+            if entry.raw:
+                return RawCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY)
+            return AsyncCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY, payload)
         if not next(entry.calls) % SAMPLE_EVERY:
             return self._timed_call(entry, args, kwargs)
         try:
@@ -273,7 +365,7 @@ class Dispatcher:
         peer: Peer,
         hurry: object,
         wait_more: Callable[[float], bool] | None = None,
-    ) -> bool | RawCall:
+    ) -> bool | RawCall | AsyncCall:
         """Serve the requests that come on ``channel`` while they keep coming, in order; then say what next.
 
         Each read waits for the next request as the socket does (the
@@ -331,9 +423,8 @@ class Dispatcher:
                     except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
                         send(*unsendable(payload, exc))
                 else:
-                    # A raw handler keeps this thread while it converses. (An
-                    # async handler, when there is one, would return here too:
-                    # its connection parked, holding no thread, until it replies.)
+                    # A raw handler keeps this thread while it converses; an
+                    # async handler's connection holds no thread until it replies.
                     return reply  # type: ignore[no-any-return]
                 # Let go now, not at the next request: received or returned
                 # FileDescriptors close as soon as nobody holds them.

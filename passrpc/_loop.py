@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import logging
 import math
 import os
@@ -34,13 +35,14 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._channel import DescriptorBudget
 from ._connection import (
     AUTHENTICATED,
+    AWAITING,
     CLOSED,
     NEW,
     PARKED,
@@ -50,7 +52,7 @@ from ._connection import (
     Deadlines,
     ServerConnection,
 )
-from ._dispatch import Dispatcher
+from ._dispatch import AsyncCall, Dispatcher
 from ._errors import (
     AuthenticationError,
     ConfigurationError,
@@ -65,6 +67,9 @@ from ._registry import Registry
 from ._socketfile import SocketFile
 from ._wire import WireOptions, encode_frame
 from ._workers import ForkServerLink
+
+if TYPE_CHECKING:
+    from ._asyncloop import AsyncLoop
 
 logger = logging.getLogger("passrpc")
 
@@ -158,6 +163,24 @@ class App:
     forks: ForkServerLink | None = None
 
 
+def start_event_loop(registry: Registry, replied: Callable[..., None]) -> AsyncLoop:
+    """Start the event loop of the async handlers and hooks (after the fork server is forked)."""
+    from ._asyncloop import AsyncLoop  # asyncio is loaded only when wanted
+
+    asyncloop = AsyncLoop(replied)
+    asyncloop.start()
+    registry.awaiter = asyncloop.await_
+    return asyncloop
+
+
+def run_hook(fn: Callable[[], Any], asyncloop: AsyncLoop | None) -> None:
+    """Run a server hook; an overriding ``async def`` is awaited on the event loop."""
+    result = fn()
+    if inspect.isawaitable(result):
+        assert asyncloop is not None  # started for an async hook
+        asyncloop.await_(result)
+
+
 class ServeLoop:
     """One run of a server's main loop, in whichever process serves it.
 
@@ -219,9 +242,14 @@ class ServeLoop:
         self._busy_frame = b""
         self._busy_refused = 0
         self._busy_logged = -math.inf
+        #: The event loop of the async handlers and hooks; None if there are none.
+        self.asyncloop: AsyncLoop | None = None
 
     def in_client_thread(self) -> bool:
-        return self.pool.owns(threading.current_thread())
+        thread = threading.current_thread()
+        return self.pool.owns(thread) or (
+            self.asyncloop is not None and thread is self.asyncloop.thread
+        )
 
     def request_stop(self) -> None:
         self.stopping = True
@@ -267,9 +295,11 @@ class ServeLoop:
                 # First, while this process runs no thread and initialize_server
                 # has not started any: workers are forked from there.
                 app.forks.start()
+            if app.registry.needs_event_loop(app.initialize, app.finalize):
+                self.asyncloop = start_event_loop(app.registry, self._replied)
             self._install_signals()
             try:
-                app.initialize()
+                run_hook(app.initialize, self.asyncloop)
             except BaseException:
                 self.listener.close()  # nobody will accept: take the socket away now
                 app.files.remove(self.identity)
@@ -285,8 +315,11 @@ class ServeLoop:
             finally:
                 self.stopping = True  # also if _poll raised: no connection is parked again
                 self._shutdown()
-                app.finalize()
+                run_hook(app.finalize, self.asyncloop)
         finally:
+            if self.asyncloop is not None:  # after finalize_server, which may await on it
+                self.app.registry.awaiter = None
+                self.asyncloop.stop()
             self._restore_signals()
             if app.forks is not None:  # after finalize_server, which may still use workers
                 app.forks.close()
@@ -447,11 +480,34 @@ class ServeLoop:
             if conn.stage != AUTHENTICATED and not self._authenticate(conn, hurry):
                 return
             idle = self.settings.client_idle_timeout
-            if conn.serve(self.dispatcher, hurry, self._wait_more, idle):
+            outcome = conn.serve(self.dispatcher, hurry, self._wait_more, idle)
+            if outcome is True:
                 self._park(conn)
+                return
+            if outcome is not False:  # an async call: the event loop holds it now
+                assert self.asyncloop is not None  # started for the async handlers
+                conn.state = AWAITING
+                self.asyncloop.submit(conn, outcome)
                 return
         except Exception:
             logger.exception("a client connection failed")
+        self._close(conn)
+
+    def _replied(self, conn: ServerConnection, call: AsyncCall | None) -> None:
+        """An async call is over (on the event loop's thread): queue its reply, or close ``conn``."""
+        if call is None:  # cancelled: the client left, or the server is stopping
+            self._close(conn)
+            return
+        with self.lock:
+            if not self.stopping:
+                conn.state = QUEUED
+        if conn.state == QUEUED:
+            conn.pending = call
+            self._submit(conn)
+            return
+        # The pool is closing: the reply goes out from here (bounded by the send timeout).
+        with contextlib.suppress(ConnectionClosed, Timeout):
+            call.send(conn.channel)
         self._close(conn)
 
     def _wait_more(self, idle: float) -> bool:
@@ -522,15 +578,20 @@ class ServeLoop:
         with self.lock:
             self.stopping = True
             connections = list(self.connections.values())
+        deadline = time.monotonic() + self.settings.shutdown_timeout
         for conn in connections:
             if conn.state == PARKED:
                 self._close(conn)  # no thread holds it
+            elif conn.state == AWAITING:
+                pass  # its handler finishes, or is cancelled below; then it is closed
             else:
                 # Ends a pool thread's wait for a next request; a running
                 # handler still finishes and sends its reply.
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RD)
         busy = self.pool.close(self.settings.shutdown_timeout)
+        if self.asyncloop is not None:
+            self.asyncloop.cancel_all(deadline)
         if busy:
             logger.warning(
                 "%d handler(s) still running after %s s; leaving them",

@@ -296,6 +296,8 @@ class HandlerEntry(Protocol):
     def fn(self) -> Callable[..., Any]: ...
     @property
     def raw(self) -> bool: ...
+    @property
+    def is_async(self) -> bool: ...
 
 
 #: How a client calls a described handler: "call" (a request, one reply) or
@@ -343,13 +345,16 @@ def _describe_one(entry: HandlerEntry) -> dict[str, Any]:
                 item["default"] = repr(p.default)
             params.append(item)
         text = str(signature.replace(parameters=parameters, return_annotation=signature.empty))
-    return {
+    described = {
         "name": entry.name,
         "params": params,
         "signature": text,
         "doc": inspect.getdoc(entry.fn) or "",
         "raw": entry.raw,
     }
+    if entry.is_async:  # absent otherwise: older clients ignore a key they do not know
+        described["async"] = True
+    return described
 
 
 def parse_described(kind: int, payload: Any, types: TypeRegistry = DEFAULT_TYPES) -> list[Any]:

@@ -8,8 +8,9 @@ The loop, the dispatch and the fork server only read it.
 
 from __future__ import annotations
 
+import inspect
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
 import attrs
@@ -19,15 +20,20 @@ from ._errors import ConfigurationError
 F = TypeVar("F", bound=Callable[..., Any])
 
 HOOKS = ("before_fork", "initialize_server", "finalize_server", "preload")
+#: The hooks that may be ``async def``: they run in the server process, whose
+#: event loop awaits them.
+ASYNC_HOOKS = ("initialize_server", "finalize_server")
 
 
 @attrs.frozen
 class Handler:
-    """A registered handler: its message name, the function, and whether it converses raw."""
+    """A registered handler: its message name, the function, whether it converses raw, whether it is awaited."""
 
     name: str
     fn: Callable[..., Any]
     raw: bool
+    #: An ``async def``: awaited on the server's event loop (:mod:`passrpc._asyncloop`).
+    is_async: bool = False
 
 
 @attrs.frozen
@@ -53,8 +59,9 @@ def handler(name: Any = None, *, raw: bool = False) -> Any:
 
     ``name`` defaults to the method's name (``@passrpc.handler`` without
     parentheses works too). With ``raw=True`` the method gets the
-    :class:`Channel` after ``self`` and converses itself. The method is
-    returned unchanged.
+    :class:`Channel` after ``self`` and converses itself. An ``async def``
+    method is awaited on the server's event loop. The method is returned
+    unchanged.
     """
     if callable(name):
         name._passrpc_handler = (name.__name__, raw)
@@ -138,6 +145,9 @@ class Registry:
         self.hooks: dict[str, list[Callable[[], Any]]] = {hook: [] for hook in HOOKS}
         self.workers: dict[str, WorkerTarget] = {}
         self.frozen = False
+        #: In a server process with an event loop: awaits an async hook's
+        #: coroutine on that loop, from the calling thread (the loop sets it).
+        self.awaiter: Callable[[Awaitable[Any]], Any] | None = None
         self._running = running
 
     def collect(self, obj: object) -> None:
@@ -173,7 +183,18 @@ class Registry:
             raise ConfigurationError(
                 f"a handler for {name!r} is already registered ({self.handlers[name].fn!r})"
             )
-        self.handlers[name] = Handler(name, fn, raw)
+        is_async = inspect.iscoroutinefunction(fn)  # unwraps bound methods and partials
+        if inspect.isasyncgenfunction(fn):
+            raise ConfigurationError(
+                f"handler {name!r} is an async generator, which a handler cannot be yet: "
+                "make it an async def that returns a list, or a plain def"
+            )
+        if raw and is_async:
+            raise ConfigurationError(
+                f"raw handler {name!r} is an async def: a raw handler converses on a blocking "
+                "channel in a thread of its own; make it a plain def (or drop raw=True)"
+            )
+        self.handlers[name] = Handler(name, fn, raw, is_async)
 
     def add_signal_handler(self, sig: str | int, fn: Callable[[], Any]) -> None:
         """Run ``fn()`` on ``sig`` (see :meth:`Server.add_signal_handler`)."""
@@ -216,12 +237,37 @@ class Registry:
         )
 
     def add_hook(self, hook: str, fn: F) -> F:
-        """Append ``fn`` to the functions that run at ``hook`` (one of :data:`HOOKS`)."""
+        """Append ``fn`` to the functions that run at ``hook`` (one of :data:`HOOKS`).
+
+        An ``async def`` is accepted for the hooks of the server process
+        (:data:`ASYNC_HOOKS`), which await it on the server's event loop.
+        """
         self.check_open(f"on_{hook}")
+        if hook not in ASYNC_HOOKS and inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(
+                f"on_{hook} got an async def; only on_initialize_server and "
+                "on_finalize_server may be async (they run on the server's event loop): "
+                "make it a plain def"
+            )
         self.hooks[hook].append(fn)
         return fn
 
+    def needs_event_loop(self, *hooks: Callable[[], Any]) -> bool:
+        """Whether the server process needs its event loop: an async handler, hook, or one of ``hooks``."""
+        fns = [*hooks, *self.hooks["initialize_server"], *self.hooks["finalize_server"]]
+        return any(h.is_async for h in self.handlers.values()) or any(
+            map(inspect.iscoroutinefunction, fns)
+        )
+
     def run_hooks(self, hook: str) -> None:
-        """Run the functions registered for ``hook``, in order."""
+        """Run the functions registered for ``hook``, in order; await the async ones with :attr:`awaiter`."""
         for fn in self.hooks[hook]:
-            fn()
+            result = fn()
+            if inspect.isawaitable(result):
+                if self.awaiter is None:  # not in a server process that runs its loop
+                    raise ConfigurationError(
+                        f"the async on_{hook} hook {fn!r} needs the server's event loop, which "
+                        "only a server process runs (not a Server run as a worker): make it a "
+                        "plain def"
+                    )
+                self.awaiter(result)

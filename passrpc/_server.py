@@ -148,10 +148,10 @@ class Server(WorkerMethods):
 
         The handler gets the message's arguments; what it returns is the
         reply (a tuple becomes a reply of several values). With ``raw=True``
-        it gets the :class:`Channel` first and converses itself.
+        it gets the :class:`Channel` first and converses itself; an async def is awaited.
 
         Raises:
-            ConfigurationError: ``name`` is taken, or the server already started.
+            ConfigurationError: ``name`` is taken, the server started, or ``fn`` cannot be served.
         """
         self._registry.add_handler(name, fn, raw=raw)
 
@@ -204,11 +204,11 @@ class Server(WorkerMethods):
         return self._registry.add_hook("before_fork", fn)
 
     def on_initialize_server(self, fn: F) -> F:
-        """Register ``fn()`` to run in the server process before it accepts clients."""
+        """Register ``fn()`` to run in the server process before it accepts clients (async: on its loop)."""
         return self._registry.add_hook("initialize_server", fn)
 
     def on_finalize_server(self, fn: F) -> F:
-        """Register ``fn()`` to run in the server process after its loop ended."""
+        """Register ``fn()`` to run in the server process after its loop ended (async: on its loop)."""
         return self._registry.add_hook("finalize_server", fn)
 
     def before_fork(self) -> None:

@@ -13,6 +13,12 @@ from .helpers import REPO
 
 #: Each example and lines (regular expressions) its output must contain.
 EXPECTED = {
+    "async_handlers": [
+        r"^session opened on the server's loop: True$",
+        r"^digest, computed in a thread: [0-9a-f]{16}$",
+        r"^8 lookups: KEY0, KEY1, KEY2, \.\.\.$",
+        r"^they waited together: True$",
+    ],
     "hello": [
         r"^proxy:   Hello Joe Dalton, how are you\? \(1234\)$",
         r"^channel: Hello Jack Dalton, how are you\? \(1234\)$",

@@ -42,6 +42,7 @@ LAYERS = {
     "_workers": 3,
     "_pool": 3,
     "_connection": 3,
+    "_asyncloop": 3,
     # 4: the clients (they know nothing of the server)
     "_clientcore": 4,
     "_client": 4,
