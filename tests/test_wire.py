@@ -368,9 +368,19 @@ class TestLargeValuesAndDescriptorCounts:
         [(_, payload)] = decode_all(b"".join(bytes(b) for b in buffers), got)
         assert payload == ["x", got[0], blob, [got[1]]]
 
+    @pytest.mark.parametrize("kind", [0, 1, 3, 9, 127, 128, 300])
+    @pytest.mark.parametrize("nfds", [0, 1, 127, 128, 253])
+    def test_head_is_what_msgpack_packs(self, kind: int, nfds: int) -> None:
+        """The body's head, written beside msgpack, is msgpack's own ``[kind, nfds, ...]``."""
+        limits = Limits(max_fds=253)
+        payload = ["head", [FakeFd(i) for i in range(nfds)], {"k": 1}]
+        data, _ = encode_frame(kind, payload, WireOptions(limits))
+        placeholders = [_placeholder(i) for i in range(nfds)]
+        assert data == frame(kind, nfds, ["head", placeholders, {"k": 1}])
+
     @pytest.mark.parametrize("nfds", [1, 127, 128, 200])
     def test_descriptor_count_is_written_for_any_count(self, nfds: int) -> None:
-        """Counts below 128 are patched in place, larger ones repacked: both decode."""
+        """Counts below 128 take one byte, larger ones msgpack's uint 8: both decode."""
         limits = Limits(max_fds=253)
         sent = [FakeFd(i) for i in range(nfds)]
         data, numbers = encode_frame(Kind.MESSAGE, ("fds", sent), WireOptions(limits))
