@@ -359,10 +359,18 @@ class Encoder:
     def _with_fds(self, kind: int, body: bytes) -> tuple[tuple[Buffer, ...], list[int]]:
         """Frame a packed payload whose hook met descriptors: their count goes in the head."""
         fds, self._fds = self._fds, []
-        self._check_fds(fds)
-        return self._framed(_body_head(kind, len(fds)), body), fds
+        nfds = len(fds)
+        if nfds > self._limits.max_fds:
+            self._check_fd_count(fds)  # raises
+        if nfds > MAX_KIND or kind not in _PLAIN_HEADS:
+            return self._framed(_body_head(kind, nfds), body), fds
+        # The usual head, [kind, nfds, ...] in three bytes, without a call.
+        size = len(body) + 3
+        if size > self._max_frame:
+            raise self._too_large(size)
+        return (_pack_start(size, bytes((0x93, kind, nfds))) + body,), fds
 
-    def _check_fds(self, fds: list[int]) -> None:
+    def _check_fd_count(self, fds: list[int]) -> None:
         if len(fds) > self._limits.max_fds:
             raise FrameTooLarge(
                 f"a message carries {len(fds)} descriptors, over the limit of "
@@ -407,7 +415,7 @@ class Encoder:
         if pending:
             parts.append(b"".join(pending))
         fds, self._fds = self._fds, []
-        self._check_fds(fds)
+        self._check_fd_count(fds)
         if len(parts) >= _MAX_BUFFERS:  # too many pieces for one sendmsg: one body
             return self._framed(_body_head(_MESSAGE, len(fds)), b"".join(parts)), fds or _NO_FDS
         parts[0] = _body_head(_MESSAGE, len(fds)) + parts[0]  # the joined first piece
