@@ -204,9 +204,12 @@ class Decoder(FrameBuffer):
     def _ext_hook(self, code: int, data: bytes) -> object:
         # Each placeholder met is noted in _used, so that the frame's
         # descriptors its payload does not mention can be closed.
-        if code == FD_EXT_CODE and len(data) == 1 and data[0] < len(self._fds):
-            self._used.append(data[0])
-            return self._fds[data[0]]
+        if code == FD_EXT_CODE and len(data) == 1:
+            index = data[0]
+            fds = self._fds
+            if index < len(fds):
+                self._used.append(index)
+                return fds[index]
         return self._ext_hook_rest(code, data)
 
     def _ext_hook_rest(self, code: int, data: bytes) -> object:
