@@ -5,6 +5,8 @@ Run from the repository root:
     python benchmarks/run.py                 # the full suite, 2-3 minutes; prints the table
     python benchmarks/run.py --quick         # a short smoke run (noisy figures)
     python benchmarks/run.py --only W1,W4    # some workloads only
+    python benchmarks/run.py --only W1,W5 --runs 5
+                                             # each target's median over 5 runs
     python benchmarks/run.py --write         # also rewrite the table in docs/performance.md
                                              # and the chart docs/performance.png
 
@@ -43,6 +45,7 @@ import multiprocessing
 import os
 import re
 import socket
+import statistics
 import struct
 import sys
 import textwrap
@@ -1153,6 +1156,29 @@ def targets(run: Run, s: Settings) -> list[Target]:
     return out
 
 
+def median_targets(runs: list[Run], s: Settings) -> str:
+    """Each target's median over several runs (of measured/allowed), with every run's figure."""
+    by_target: dict[tuple[str, str], list[Target]] = {}
+    for run in runs:
+        for t in targets(run, s):
+            by_target.setdefault((t.workload, t.text), []).append(t)
+    lines = [
+        f"Targets over {len(runs)} runs:",
+        "",
+        "| workload | target | median of measured/allowed | verdict | each run |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for (workload, text), ts in by_target.items():
+        margins = [t.margin for t in ts if t.margin is not None]
+        if not margins:
+            continue
+        margin = statistics.median(margins)
+        verdict = "met" if margin <= 1.0 else "**not met**"
+        each = "; ".join(t.measured for t in ts)
+        lines.append(f"| {workload} | {text} | {margin:.3f} | {verdict} | {each} |")
+    return "\n".join(lines)
+
+
 # Output -----------------------------------------------------------------------------
 
 
@@ -1346,11 +1372,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the CPU that latency workloads pin client and server to (default 0)",
     )
     parser.add_argument("--json", metavar="PATH", help="also save the raw figures as JSON")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the workloads N times and give each target's median over the runs "
+        "(W1 and W5 are judged on the median of 5)",
+    )
     args = parser.parse_args(argv)
     args.workloads = [w.strip().upper() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.write and args.runs > 1:
+        parser.error("--write writes one run's table: drop --runs")
     if args.write and set(args.workloads) != set(WORKLOADS):
         parser.error("--write regenerates the whole table: run every workload (drop --only)")
     if args.cpu not in os.sched_getaffinity(0):
@@ -1379,11 +1417,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {machine['python']}; load average {load_before}",
         flush=True,
     )
-    run = Run()
-    for workload in WORKLOADS:
-        if workload in args.workloads:
-            print(f"{workload} ...", flush=True)
-            RUNNERS[workload](run, s)
+    runs: list[Run] = []
+    for number in range(1, args.runs + 1):
+        run = Run()
+        for workload in WORKLOADS:
+            if workload in args.workloads:
+                counted = f" (run {number} of {args.runs})" if args.runs > 1 else ""
+                print(f"{workload}{counted} ...", flush=True)
+                RUNNERS[workload](run, s)
+        runs.append(run)
     pin(None)
     _check_reaped()
     load_after = load_average()
@@ -1395,9 +1437,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['python']}, passrpc {passrpc.__version__}; load average before "
         f"{load_before}, after {load_after}; the run took {elapsed:.0f} s."
     )
+    if len(runs) > 1:
+        caption += f" The table is the last of {len(runs)} runs."
     text = markdown(run, s, caption)
     print()
     print(text)
+    if len(runs) > 1:
+        print()
+        print(median_targets(runs, s))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(
@@ -1406,6 +1453,7 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": machine,
                     "results": [r.as_dict() for r in run.results.values()],
                     "notes": run.notes,
+                    "runs": [[r.as_dict() for r in each.results.values()] for each in runs],
                 },
                 f,
                 indent=2,
