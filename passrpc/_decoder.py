@@ -366,8 +366,19 @@ class Decoder(FrameBuffer):
             self._start = stop
 
     def _unpack_general(self, view: memoryview) -> Any:
-        """Decode with every option (placeholders resolve only while descriptors wait)."""
+        """Decode with every option (placeholders resolve only while descriptors wait).
+
+        A body whose head is what passrpc's encoder writes, ``[kind, nfds,
+        ...]`` in three bytes, has its payload decoded alone, as on the fast
+        paths: the encoder packs the payload alone too, so a payload as deep
+        as msgpack's nesting limit allows decodes on every path.
+        """
         self._used = []
+        if not self._options and len(view) > 3 and view[0] == 0x93:
+            kind, nfds = view[1], view[2]
+            if kind <= MAX_KIND and nfds <= MAX_KIND:
+                payload = _unpackb(view[3:], strict_map_key=False, ext_hook=self._hook, timestamp=3)
+                return [kind, nfds, payload]
         return _unpackb(
             view,
             strict_map_key=False,

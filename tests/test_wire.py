@@ -378,6 +378,39 @@ class TestLargeValuesAndDescriptorCounts:
         placeholders = [_placeholder(i) for i in range(nfds)]
         assert data == frame(kind, nfds, ["head", placeholders, {"k": 1}])
 
+    @pytest.mark.parametrize("inner", [1, {1: 2}], ids=["fast-path", "general-path"])
+    def test_the_deepest_payload_the_encoder_takes_decodes(self, inner: Any) -> None:
+        """What the encoder packs, to msgpack's nesting limit, the decoder rebuilds on every path.
+
+        A map with an int key takes the decoder's general path; a plain one the fast path.
+        """
+
+        def nested(depth: int) -> Any:
+            value = inner
+            for _ in range(depth):
+                value = [value]
+            return value
+
+        def takes(depth: int) -> bool:
+            try:
+                Encoder().encode(Kind.MESSAGE, (nested(depth),))
+            except EncodeError:
+                return False
+            return True
+
+        low, high = 1, 4096  # takes(low), not takes(high)
+        assert takes(low)
+        assert not takes(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if takes(middle) else (low, middle)
+        data, _ = encode_frame(Kind.MESSAGE, (nested(low),))
+        [(kind, [value])] = decode_all(data)
+        assert kind == Kind.MESSAGE
+        for _ in range(low):  # unwrapped by hand: == would recurse past Python's limit
+            [value] = value
+        assert value == inner
+
     @pytest.mark.parametrize("nfds", [1, 127, 128, 200])
     def test_descriptor_count_is_written_for_any_count(self, nfds: int) -> None:
         """Counts below 128 take one byte, larger ones msgpack's uint 8: both decode."""
