@@ -18,6 +18,12 @@ figures compare the Python around the system calls, not whole calls.
 Operations:
 
 floor_rt      one round trip of the floor: raw socket + 4-byte prefix + msgpack
+lean_client   the client side of the lean floor (benchmarks/run.py), against
+              canned replies as proxy_client: packb, one sendall of header and
+              body, one recvmsg_into with room for descriptors into a reused
+              buffer, unpack_from, unpackb of a view
+lean_server   the server side of the lean floor, against canned requests as
+              server_call: recvmsg_into, unpack_from, unpackb, packb, sendall
 chan_rt       one round trip of two passrpc Channels (write, read, write, read)
 chan_plain    one plain message from one Channel to the other
 chan_fd       one message carrying a descriptor, Channel to Channel; the
@@ -49,6 +55,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OPERATIONS = (
     "floor_rt",
+    "lean_client",
+    "lean_server",
     "chan_rt",
     "chan_plain",
     "chan_fd",
@@ -133,6 +141,38 @@ def run(operation: str, n: int, types: int = 0) -> None:
             out = msgpack.packb([request[1]])  # type: ignore[index]
             b.sendall(header.pack(len(out)) + out)
             receive(a, buffers[1])
+    elif operation in ("lean_client", "lean_server"):
+        # The loops of run.py's lean floor (lean_client, _serve_lean), with
+        # the harness of proxy_client and server_call around them: the same
+        # canned frames, so the figures compare end to end.
+        header = struct.Struct(">I")
+        a, b = socket.socketpair()
+        view = memoryview(bytearray(65536))
+        cmsg_space = socket.CMSG_SPACE(64 * 4)
+        recvmsg_into, sendall = a.recvmsg_into, a.sendall
+        unpack_from, pack = header.unpack_from, header.pack
+        packb, unpackb = msgpack.packb, msgpack.unpackb
+        sink = bytearray(65536)
+        if operation == "lean_client":
+            reply = encode_frame(0, (value,))[0]
+            for i in range(n):
+                b.sendall(reply)
+                body = packb(["echo", i])
+                sendall(pack(len(body)) + body)
+                recvmsg_into([view], cmsg_space)
+                (length,) = unpack_from(view)
+                unpackb(view[4 : 4 + length])
+                b.recv_into(sink)
+        else:
+            request = encode_frame(0, ("echo", value))[0]
+            for _ in range(n):
+                b.sendall(request)
+                recvmsg_into([view], cmsg_space)
+                (length,) = unpack_from(view)
+                message = unpackb(view[4 : 4 + length])
+                body = packb(message[2][1:])
+                sendall(pack(len(body)) + body)
+                b.recv_into(sink)
     elif operation == "chan_rt":
         c, d = Channel.pair()
         for i in range(n):
@@ -247,6 +287,9 @@ def main() -> None:
         print(f"{operation:14s} {results[operation]:8,d} instructions", flush=True)
     if "floor_rt" in results and "chan_rt" in results:
         print(f"chan_rt / floor_rt: {results['chan_rt'] / results['floor_rt']:.2f}x")
+    for ours, lean in (("proxy_client", "lean_client"), ("server_call", "lean_server")):
+        if ours in results and lean in results:
+            print(f"{ours} / {lean}: {results[ours] / results[lean]:.2f}x")
     if "chan_plain" in results and "chan_fd" in results:
         print(f"chan_fd / chan_plain: {results['chan_fd'] / results['chan_plain']:.2f}x")
 

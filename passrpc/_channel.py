@@ -36,6 +36,8 @@ _INT_SIZE = array.array("i").itemsize
 # One descriptor, the usual case, packs and unpacks faster with struct than
 # with array.array.
 _ONE_FD = struct.Struct("i")
+_pack_fd = _ONE_FD.pack
+_unpack_fd = _ONE_FD.unpack
 
 
 #: errno values that mean the peer is gone rather than that we misused the socket.
@@ -263,7 +265,11 @@ class Channel(SocketEnd):
 
     def _send_buffers(self, buffers: Sequence[Buffer], fds: Sequence[int]) -> None:
         """Send a frame in pieces, its descriptors with the first byte."""
-        sent = self._sock.sendmsg(buffers, scm_rights(fds), _NOSIGNAL)
+        # One descriptor, the usual case, without scm_rights' call.
+        ancillary = (
+            [(_SOL_SOCKET, _SCM_RIGHTS, _pack_fd(fds[0]))] if len(fds) == 1 else scm_rights(fds)
+        )
+        sent = self._sock.sendmsg(buffers, ancillary, _NOSIGNAL)
         if len(buffers) == 1 and sent == len(buffers[0]):
             return  # the usual case: the whole frame went out at once
         rest = unsent(buffers, sent)
@@ -435,6 +441,10 @@ _adopt = FileDescriptor._adopt  # the kernel's numbers need no checking
 
 def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[FileDescriptor]:
     """Take ownership of every descriptor in ``ancillary`` at once."""
+    if len(ancillary) == 1:  # the usual case, one message of SCM_RIGHTS: no loop
+        level, kind, data = ancillary[0]
+        if len(data) == _INT_SIZE and level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            return [_adopt(_unpack_fd(data)[0])]
     fds: list[FileDescriptor] = []
     for level, kind, data in ancillary:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:

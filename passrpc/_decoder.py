@@ -52,6 +52,7 @@ _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
 _PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
+_PAYLOAD = HEADER_SIZE + 3  # where a message's payload starts when its head is three bytes
 # Every unpackb below passes timestamp=3: msgpack's Timestamp becomes a
 # timezone-aware datetime in UTC. A literal, not a named constant: looking a
 # global up costs a frame about a hundred instructions (benchmarks/instructions.py).
@@ -203,9 +204,12 @@ class Decoder(FrameBuffer):
     def _ext_hook(self, code: int, data: bytes) -> object:
         # Each placeholder met is noted in _used, so that the frame's
         # descriptors its payload does not mention can be closed.
-        if code == FD_EXT_CODE and len(data) == 1 and data[0] < len(self._fds):
-            self._used.append(data[0])
-            return self._fds[data[0]]
+        if code == FD_EXT_CODE and len(data) == 1:
+            index = data[0]
+            fds = self._fds
+            if index < len(fds):
+                self._used.append(index)
+                return fds[index]
         return self._ext_hook_rest(code, data)
 
     def _ext_hook_rest(self, code: int, data: bytes) -> object:
@@ -251,13 +255,15 @@ class Decoder(FrameBuffer):
                 if word >> 8 == _PLAIN_WORD and not self._fds:
                     # [0, 0, payload]: with str map keys msgpack's defaults
                     # decode it; other keys make it raise ValueError, and the
-                    # general path decodes (or refuses) the frame.
-                    view = self.view[HEADER_SIZE:end]
+                    # general path decodes (or refuses) the frame. Only the
+                    # payload is unpacked: its head was just read.
                     try:
-                        payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
+                        payload = _unpackb(
+                            self.view[_PAYLOAD:end], ext_hook=self._hook, timestamp=3
+                        )
                     except Exception as exc:  # one clause: a second costs every call
                         self.end = end
-                        return self._failed(0, end, end, view, exc)
+                        return self._failed(0, end, end, self.view[HEADER_SIZE:end], exc)
                     self._offset += end
                     self.end = 0
                     return _MESSAGE, payload
@@ -286,7 +292,7 @@ class Decoder(FrameBuffer):
         # skips the general path, as above.
         if self._plain and length >= 3 and buf.startswith(_PLAIN_MESSAGE, start + HEADER_SIZE):
             try:
-                payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
+                payload = _unpackb(view[3:], ext_hook=self._hook, timestamp=3)
             except Exception as exc:
                 return self._failed(start, stop, end, view, exc)
             self._consumed(start, stop, end)
@@ -304,13 +310,15 @@ class Decoder(FrameBuffer):
         if nfds != len(fds) or nfds > self._fast_fds:
             return None
         self._used = []
-        view = self.view[HEADER_SIZE:end]
         try:
-            payload = _unpackb(view, strict_map_key=False, ext_hook=self._hook, timestamp=3)[2]
+            # The payload alone: the head, [0, nfds, ...], is three bytes read already.
+            payload = _unpackb(
+                self.view[_PAYLOAD:end], strict_map_key=False, ext_hook=self._hook, timestamp=3
+            )
         except ValueError:
             return None
         except _VALUE_FAILURES as exc:
-            self._failed(0, end, end, view, exc)
+            self._failed(0, end, end, self.view[HEADER_SIZE:end], exc)
         used = self._used
         if len(used) < nfds or (nfds > 1 and len(set(used)) < nfds):
             _close_unmentioned(list(fds), used)
@@ -358,8 +366,19 @@ class Decoder(FrameBuffer):
             self._start = stop
 
     def _unpack_general(self, view: memoryview) -> Any:
-        """Decode with every option (placeholders resolve only while descriptors wait)."""
+        """Decode with every option (placeholders resolve only while descriptors wait).
+
+        A body whose head is what passrpc's encoder writes, ``[kind, nfds,
+        ...]`` in three bytes, has its payload decoded alone, as on the fast
+        paths: the encoder packs the payload alone too, so a payload as deep
+        as msgpack's nesting limit allows decodes on every path.
+        """
         self._used = []
+        if not self._options and len(view) > 3 and view[0] == 0x93:
+            kind, nfds = view[1], view[2]
+            if kind <= MAX_KIND and nfds <= MAX_KIND:
+                payload = _unpackb(view[3:], strict_map_key=False, ext_hook=self._hook, timestamp=3)
+                return [kind, nfds, payload]
         return _unpackb(
             view,
             strict_map_key=False,

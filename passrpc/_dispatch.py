@@ -258,6 +258,9 @@ class Dispatcher:
     ) -> None:
         every_call = logger.isEnabledFor(logging.DEBUG)
         self.handlers = {name: Served(handler, every_call) for name, handler in handlers.items()}
+        # The handlers a plain request runs, and returns from, in dispatch's
+        # fast path: looked up by the request's first value with no checks.
+        self._plain = {name: e for name, e in self.handlers.items() if not e.special}
         self.described = describe_handlers(handlers.values())
         self.types = types
         self.started = time.monotonic()
@@ -285,23 +288,40 @@ class Dispatcher:
         a malformed request, an unknown handler name and an unknown frame
         kind. Nothing here raises for what a client sends.
         """
-        # protocol.parse_request's common case, a MESSAGE, inlined as the
-        # reply below is: this runs for every call.
-        if kind == MESSAGE and type(payload) is list and payload and type(payload[0]) is str:
-            name, args, kwargs = payload[0], payload[1:], None
-        else:
+        # The common request, [name, *args] of a plain handler, straight to
+        # the handler: a name that is no key of _plain (not a str, unhashable,
+        # missing, or a raw or async handler's) and the empty request take the checked
+        # path below, which says what is wrong. This runs for every call.
+        if kind == MESSAGE and type(payload) is list:
             try:
-                request = parse_request(kind, payload)
-            except BadRequest as exc:
-                return exc.frame
-            if request is None:
-                if kind == STATUS:
-                    return STATUS, self.status()
-                return describe_reply(payload, self.described, self.types)
-            name, args, kwargs = request
-        entry = self.handlers.get(name)
-        if entry is None:
+                entry = self._plain[payload[0]]
+            except (LookupError, TypeError):
+                pass
+            else:
+                # next() counts the call; a multiple of SAMPLE_EVERY picks it for timing.
+                if not next(entry.calls) % SAMPLE_EVERY:
+                    return self._timed_call(entry, payload[1:], None)
+                try:
+                    result = entry.fn(*payload[1:])
+                except _FAILURES:
+                    next(entry.counters.errors)
+                    return _report(entry.name)
+                # A tuple is a reply of several values; anything else, of one
+                # (protocol.reply, inlined).
+                return MESSAGE, result if type(result) is tuple else (result,)
+        try:
+            request = parse_request(kind, payload)
+        except BadRequest as exc:
+            return exc.frame
+        if request is None:
+            if kind == STATUS:
+                return STATUS, self.status()
+            return describe_reply(payload, self.described, self.types)
+        name, args, kwargs = request
+        served = self.handlers.get(name)
+        if served is None:
             return unknown_message(name, self.handlers)
+        entry = served
         # next() counts the call; a multiple of SAMPLE_EVERY picks it for timing.
         if entry.special:
             if entry.raw:
@@ -314,9 +334,7 @@ class Dispatcher:
         except _FAILURES:
             next(entry.counters.errors)
             return _report(name)
-        # A tuple is a reply of several values; anything else, of one
-        # (protocol.reply, inlined: this runs for every call).
-        return MESSAGE, result if type(result) is tuple else (result,)
+        return reply(result)
 
     def _timed_call(self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None) -> Frame:
         """:meth:`dispatch`'s call, timed: for the sampled calls."""

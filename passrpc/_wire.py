@@ -194,15 +194,23 @@ def _unencodable(obj: object) -> EncodeError:
     )
 
 
-def _with_count(body: Buffer, nfds: int) -> bytearray:
-    """``body`` with ``nfds`` (below 128) as its descriptor count.
+def _body_head(kind: int, nfds: int) -> bytes:
+    """The bytes msgpack packs ``[kind, nfds, payload]`` with before the payload's own.
 
-    [kind, 0, ...] packs as 0x93, kind, 0x00: the count is byte 2, and a
-    count below 128 is one byte too, so it is patched, not repacked.
+    An array of three, then the two ints: one byte each below 128 (always
+    for the kind, and for descriptor counts but the largest).
     """
-    patched = bytearray(body)
-    patched[2] = nfds
-    return patched
+    if 0 <= kind <= MAX_KIND and 0 <= nfds <= MAX_KIND:
+        return bytes((0x93, kind, nfds))
+    return b"".join((_ARRAY3, msgpack.packb(kind), msgpack.packb(nfds)))
+
+
+#: The body's head of a frame without descriptors, by kind (see _body_head).
+_PLAIN_HEADS = {kind: _body_head(kind, 0) for kind in range(MAX_KIND + 1)}
+#: A frame's length header and its body's head in one call.
+_pack_start = struct.Struct(">I3s").pack
+#: Whether no value of an iterable of types is a bytes-like type.
+_no_binary = _BINARY.isdisjoint
 
 
 def _wide_placeholder(index: int) -> msgpack.ExtType:
@@ -314,25 +322,29 @@ class Encoder:
             EncodeError: a value cannot travel as msgpack; nothing is sent.
             FrameTooLarge: the body or the descriptor count is over the limit.
         """
-        if kind == _MESSAGE and not _BINARY.isdisjoint(map(type, payload)):
+        if kind == _MESSAGE and not _no_binary(map(type, payload)):
             for value in payload:
                 if type(value) in _BINARY and len(value) >= _OUT_OF_LINE:
                     return self._encode_out_of_line(payload)
         try:
-            body = self._pack((kind, 0, payload))
+            # Only the payload goes through msgpack: the body's head, [kind,
+            # nfds, ...], is three known bytes (packing them costs a tuple and
+            # two ints every frame).
+            body = self._pack(payload)
         except BaseException as exc:
             error = self._failed(exc)
             if error is None:
                 raise
             raise error from exc
         if self._fds:
-            body, fds = self._count_fds(body, kind, payload)
-        else:
-            fds = _NO_FDS
-        size = len(body)
+            return self._with_fds(kind, body)
+        size = len(body) + 3
         if size > self._max_frame:
             raise self._too_large(size)
-        return (_pack_header(size) + body,), fds
+        try:
+            return (_pack_start(size, _PLAIN_HEADS[kind]) + body,), _NO_FDS
+        except KeyError:  # a kind beyond one msgpack byte: none of passrpc's
+            return self._framed(_body_head(kind, 0), body), _NO_FDS
 
     def _failed(self, exc: BaseException) -> EncodeError | None:
         """Forget the failed frame's descriptors; msgpack's refusals become EncodeError."""
@@ -344,22 +356,32 @@ class Encoder:
             return EncodeError(f"cannot encode the message: {exc}")
         return None
 
-    def _count_fds(
-        self, body: bytes, kind: int, payload: Any
-    ) -> tuple[bytes | bytearray, list[int]]:
-        """Write the descriptor count the body was packed without."""
+    def _with_fds(self, kind: int, body: bytes) -> tuple[tuple[Buffer, ...], list[int]]:
+        """Frame a packed payload whose hook met descriptors: their count goes in the head."""
         fds, self._fds = self._fds, []
+        nfds = len(fds)
+        if nfds > self._limits.max_fds:
+            self._check_fd_count(fds)  # raises
+        if nfds > MAX_KIND or kind not in _PLAIN_HEADS:
+            return self._framed(_body_head(kind, nfds), body), fds
+        # The usual head, [kind, nfds, ...] in three bytes, without a call.
+        size = len(body) + 3
+        if size > self._max_frame:
+            raise self._too_large(size)
+        return (_pack_start(size, bytes((0x93, kind, nfds))) + body,), fds
+
+    def _check_fd_count(self, fds: list[int]) -> None:
         if len(fds) > self._limits.max_fds:
             raise FrameTooLarge(
                 f"a message carries {len(fds)} descriptors, over the limit of "
                 f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
             )
-        if len(fds) < 0x80:
-            return _with_count(body, len(fds)), fds
-        try:
-            return self._pack((kind, len(fds), payload)), fds
-        finally:
-            self._fds = []
+
+    def _framed(self, head: bytes, body: bytes) -> tuple[Buffer, ...]:
+        size = len(head) + len(body)
+        if size > self._max_frame:
+            raise self._too_large(size)
+        return (_pack_header(size) + head + body,)
 
     def _encode_out_of_line(self, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
         """A message with large binary values: each goes out as its own buffer, uncopied.
@@ -369,7 +391,7 @@ class Encoder:
         bytes ``pack`` would, without copying megabytes twice on the way.
         """
         parts: list[Buffer] = []
-        pending = [_ARRAY3, bytes((_MESSAGE,)), b"\x00", _array_header(len(payload))]
+        pending = [_array_header(len(payload))]  # the body's head goes first once fds are counted
         try:
             for value in payload:
                 if type(value) in _BINARY and len(value) >= _OUT_OF_LINE:
@@ -392,31 +414,15 @@ class Encoder:
             raise error from exc
         if pending:
             parts.append(b"".join(pending))
-        if len(parts) >= _MAX_BUFFERS:
-            self._fds = []  # too many pieces for one sendmsg: copy them into one body
-            return self._encode_with_copies(payload)
         fds, self._fds = self._fds, []
-        if fds:
-            if len(fds) >= 0x80:
-                return self._encode_with_copies(payload)
-            if len(fds) > self._limits.max_fds:
-                raise FrameTooLarge(
-                    f"a message carries {len(fds)} descriptors, over the limit of "
-                    f"{self._limits.max_fds} per message: send fewer, or raise Limits.max_fds"
-                )
-            parts[0] = _with_count(parts[0], len(fds))  # the joined first piece
+        self._check_fd_count(fds)
+        if len(parts) >= _MAX_BUFFERS:  # too many pieces for one sendmsg: one body
+            return self._framed(_body_head(_MESSAGE, len(fds)), b"".join(parts)), fds or _NO_FDS
+        parts[0] = _body_head(_MESSAGE, len(fds)) + parts[0]  # the joined first piece
         size = sum(len(part) for part in parts)
         if size > self._max_frame:
             raise self._too_large(size)
         return (_pack_header(size), *parts), fds or _NO_FDS
-
-    def _encode_with_copies(self, payload: Any) -> tuple[tuple[Buffer, ...], list[int]]:
-        body = self._pack((_MESSAGE, 0, payload))
-        body, fds = self._count_fds(body, _MESSAGE, payload)
-        size = len(body)
-        if size > self._max_frame:
-            raise self._too_large(size)
-        return (_pack_header(size) + body,), fds
 
     def _too_large(self, size: int) -> FrameTooLarge:
         return FrameTooLarge(

@@ -119,7 +119,26 @@ class TestDispatchOnBareFrames:
 
     @pytest.mark.parametrize(
         "payload",
-        [["add", 1, 2], ["add"], [], [1], ["add", {"k": 1}], "add", None, [b"add"]],
+        [
+            ["add", 1, 2],
+            ["add"],
+            [],
+            [1],
+            ["add", {"k": 1}],
+            "add",
+            None,
+            [b"add"],
+            # dispatch's table lookup by the first value: unhashable ones,
+            # and values that are no handler name, take the checked path.
+            [["add"], 1],
+            [{"add": 1}],
+            [1.0],
+            [True],
+            [None],
+            ["nope", 1],
+            ["fail"],
+            {"add": 1},
+        ],
     )
     def test_the_inlined_message_path_matches_parse_request(self, payload: Any) -> None:
         """dispatch() takes a MESSAGE's name and arguments inline; it does what parse_request says."""

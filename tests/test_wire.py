@@ -368,9 +368,52 @@ class TestLargeValuesAndDescriptorCounts:
         [(_, payload)] = decode_all(b"".join(bytes(b) for b in buffers), got)
         assert payload == ["x", got[0], blob, [got[1]]]
 
+    @pytest.mark.parametrize("kind", [0, 1, 3, 9, 127, 128, 300])
+    @pytest.mark.parametrize("nfds", [0, 1, 127, 128, 253])
+    def test_head_is_what_msgpack_packs(self, kind: int, nfds: int) -> None:
+        """The body's head, written beside msgpack, is msgpack's own ``[kind, nfds, ...]``."""
+        limits = Limits(max_fds=253)
+        payload = ["head", [FakeFd(i) for i in range(nfds)], {"k": 1}]
+        data, _ = encode_frame(kind, payload, WireOptions(limits))
+        placeholders = [_placeholder(i) for i in range(nfds)]
+        assert data == frame(kind, nfds, ["head", placeholders, {"k": 1}])
+
+    @pytest.mark.parametrize("inner", [1, {1: 2}], ids=["fast-path", "general-path"])
+    def test_the_deepest_payload_the_encoder_takes_decodes(self, inner: Any) -> None:
+        """What the encoder packs, to msgpack's nesting limit, the decoder rebuilds on every path.
+
+        A map with an int key takes the decoder's general path; a plain one the fast path.
+        """
+
+        def nested(depth: int) -> Any:
+            value = inner
+            for _ in range(depth):
+                value = [value]
+            return value
+
+        def takes(depth: int) -> bool:
+            try:
+                Encoder().encode(Kind.MESSAGE, (nested(depth),))
+            except EncodeError:
+                return False
+            return True
+
+        low, high = 1, 4096  # takes(low), not takes(high)
+        assert takes(low)
+        assert not takes(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if takes(middle) else (low, middle)
+        data, _ = encode_frame(Kind.MESSAGE, (nested(low),))
+        [(kind, [value])] = decode_all(data)
+        assert kind == Kind.MESSAGE
+        for _ in range(low):  # unwrapped by hand: == would recurse past Python's limit
+            [value] = value
+        assert value == inner
+
     @pytest.mark.parametrize("nfds", [1, 127, 128, 200])
     def test_descriptor_count_is_written_for_any_count(self, nfds: int) -> None:
-        """Counts below 128 are patched in place, larger ones repacked: both decode."""
+        """Counts below 128 take one byte, larger ones msgpack's uint 8: both decode."""
         limits = Limits(max_fds=253)
         sent = [FakeFd(i) for i in range(nfds)]
         data, numbers = encode_frame(Kind.MESSAGE, ("fds", sent), WireOptions(limits))
