@@ -48,6 +48,16 @@ from ._protocol import (
 )
 from ._registry import Handler
 from ._stats import SAMPLE_EVERY, HandlerCounters
+from ._streaming import (
+    END,
+    ITEM,
+    STREAM,
+    misdirected_item,
+    not_a_stream_call,
+    not_streamable,
+    parse_stream_request,
+)
+from ._streams import StreamCall
 from ._types import DEFAULT_TYPES, TypeRegistry
 from ._wire import PROTOCOL_VERSION
 
@@ -79,12 +89,15 @@ def current_peer() -> Peer:
 class Served:
     """A handler as the dispatcher serves it: the registered handler and its counters."""
 
-    __slots__ = ("calls", "counters", "fn", "name", "raw")
+    __slots__ = ("calls", "counters", "fn", "name", "raw", "special", "stream")
 
     def __init__(self, handler: Handler, every_call: bool) -> None:
         self.name = handler.name
         self.fn = handler.fn
         self.raw = handler.raw
+        self.stream = handler.stream
+        # Not a plain call: the hot path tests this one flag (Dispatcher._special).
+        self.special = handler.raw or handler.stream
         self.counters = HandlerCounters(time_every_call=every_call)
         self.calls = self.counters.calls  # next() on it counts a call: the hot path's one step
 
@@ -188,8 +201,10 @@ class Dispatcher:
             "handlers": {name: e.counters.summary() for name, e in self.handlers.items()},
         }
 
-    def dispatch(self, kind: int, payload: Any) -> Frame | RawCall:
-        """Return the reply frame to one request frame, or the :class:`RawCall` it starts.
+    def dispatch(self, kind: int, payload: Any) -> Frame | RawCall | StreamCall | None:
+        """Return the reply frame to one request frame, or the :class:`RawCall` or
+        :class:`StreamCall` it starts; None for a frame that gets no answer (a
+        stream's MORE or cancel that crossed its end).
 
         A handler's exception becomes an ERROR frame (and is logged); so do
         a malformed request, an unknown handler name and an unknown frame
@@ -200,6 +215,8 @@ class Dispatcher:
         if kind == MESSAGE and type(payload) is list and payload and type(payload[0]) is str:
             name, args, kwargs = payload[0], payload[1:], None
         else:
+            if STREAM <= kind <= END:
+                return self._stream_frame(kind, payload)
             try:
                 request = parse_request(kind, payload)
             except BadRequest as exc:
@@ -213,8 +230,8 @@ class Dispatcher:
         if entry is None:
             return unknown_message(name, self.handlers)
         # next() counts the call; a multiple of SAMPLE_EVERY picks it for timing.
-        if entry.raw:
-            return RawCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY)
+        if entry.special:
+            return self._special(entry, args, kwargs)
         if not next(entry.calls) % SAMPLE_EVERY:
             return self._timed_call(entry, args, kwargs)
         try:
@@ -225,6 +242,35 @@ class Dispatcher:
         # A tuple is a reply of several values; anything else, of one
         # (protocol.reply, inlined: this runs for every call).
         return MESSAGE, result if type(result) is tuple else (result,)
+
+    def _special(
+        self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None
+    ) -> Frame | RawCall:
+        """:meth:`dispatch` of a plain request for a raw handler, or for a stream handler (refused)."""
+        if entry.raw:
+            return RawCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY)
+        return not_a_stream_call(entry.name)
+
+    def _stream_frame(self, kind: int, payload: Any) -> Frame | StreamCall | None:
+        """:meth:`dispatch` of a stream's frame: a STREAM request starts a :class:`StreamCall`.
+
+        A plain handler streams its one result as one item; a raw one is refused.
+        MORE and END outside a stream are late (they crossed its end): ignored.
+        """
+        if kind != STREAM:
+            if kind != ITEM:
+                return None
+            return misdirected_item()
+        try:
+            name, args, kwargs, window = parse_stream_request(payload)
+        except BadRequest as exc:
+            return exc.frame
+        entry = self.handlers.get(name)
+        if entry is None:
+            return unknown_message(name, self.handlers)
+        if entry.raw:
+            return not_streamable(name)
+        return StreamCall(entry, args, kwargs, window, not next(entry.calls) % SAMPLE_EVERY)
 
     def _timed_call(self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None) -> Frame:
         """:meth:`dispatch`'s call, timed: for the sampled calls."""
@@ -273,7 +319,7 @@ class Dispatcher:
         peer: Peer,
         hurry: object,
         wait_more: Callable[[float], bool] | None = None,
-    ) -> bool | RawCall:
+    ) -> bool | RawCall | StreamCall:
         """Serve the requests that come on ``channel`` while they keep coming, in order; then say what next.
 
         Each read waits for the next request as the socket does (the
@@ -290,8 +336,9 @@ class Dispatcher:
             True when no whole request came: park the connection. False when
             the connection is over: the client left, broke the protocol, or
             stayed idle past the channel's timeout (the caller closes the
-            channel). A :class:`RawCall` for a raw handler's request: run it
-            (:meth:`RawCall.run`), then serve again.
+            channel). A :class:`RawCall` for a raw handler's request, or a
+            :class:`StreamCall` for a stream: run it (its ``run``), then
+            serve again.
         """
         # The server's side of every call: kept flat on purpose (a helper
         # call per request costs more than the 2 % a feature may).
@@ -330,10 +377,11 @@ class Dispatcher:
                         send(*reply)
                     except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
                         send(*unsendable(payload, exc))
-                else:
-                    # A raw handler keeps this thread while it converses. (An
-                    # async handler, when there is one, would return here too:
-                    # its connection parked, holding no thread, until it replies.)
+                elif reply is not None:
+                    # A raw handler keeps this thread while it converses, and a
+                    # stream while it is open. (An async handler, when there is
+                    # one, would return here too: its connection parked,
+                    # holding no thread, until it replies.)
                     return reply  # type: ignore[no-any-return]
                 # Let go now, not at the next request: received or returned
                 # FileDescriptors close as soon as nobody holds them.

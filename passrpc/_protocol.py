@@ -296,11 +296,14 @@ class HandlerEntry(Protocol):
     def fn(self) -> Callable[..., Any]: ...
     @property
     def raw(self) -> bool: ...
+    @property
+    def stream(self) -> bool: ...
 
 
-#: How a client calls a described handler: "call" (a request, one reply) or
-#: "raw" (the first message of a conversation on a connection of its own).
-Route = Literal["call", "raw"]
+#: How a client calls a described handler: "call" (a request, one reply),
+#: "raw" (the first message of a conversation on a connection of its own) or
+#: "stream" (a STREAM request, answered by items: see passrpc._streaming).
+Route = Literal["call", "raw", "stream"]
 
 
 #: The payload of a DESCRIBE request that asks for the registered types
@@ -343,13 +346,16 @@ def _describe_one(entry: HandlerEntry) -> dict[str, Any]:
                 item["default"] = repr(p.default)
             params.append(item)
         text = str(signature.replace(parameters=parameters, return_annotation=signature.empty))
-    return {
+    described = {
         "name": entry.name,
         "params": params,
         "signature": text,
         "doc": inspect.getdoc(entry.fn) or "",
         "raw": entry.raw,
     }
+    if entry.stream:  # only then: an older client ignores the key it does not know
+        described["stream"] = True
+    return described
 
 
 def parse_described(kind: int, payload: Any, types: TypeRegistry = DEFAULT_TYPES) -> list[Any]:
@@ -461,4 +467,8 @@ def parse_status(kind: int, payload: Any) -> ServerStatus:
 
 def route(info: dict[str, Any] | None) -> Route:
     """How a client calls the handler described by ``info`` (None: one it does not know)."""
-    return "raw" if info is not None and info.get("raw") else "call"
+    if info is None:
+        return "call"
+    if info.get("raw"):
+        return "raw"
+    return "stream" if info.get("stream") else "call"

@@ -8,6 +8,7 @@ The loop, the dispatch and the fork server only read it.
 
 from __future__ import annotations
 
+import inspect
 import signal
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
@@ -23,11 +24,13 @@ HOOKS = ("before_fork", "initialize_server", "finalize_server", "preload")
 
 @attrs.frozen
 class Handler:
-    """A registered handler: its message name, the function, and whether it converses raw."""
+    """A registered handler: its message name, the function, whether it converses raw,
+    and whether it streams (a generator function: see passrpc._streams)."""
 
     name: str
     fn: Callable[..., Any]
     raw: bool
+    stream: bool = False
 
 
 @attrs.frozen
@@ -173,7 +176,15 @@ class Registry:
             raise ConfigurationError(
                 f"a handler for {name!r} is already registered ({self.handlers[name].fn!r})"
             )
-        self.handlers[name] = Handler(name, fn, raw)
+        # isgeneratorfunction sees through bound methods and functools.partial.
+        stream = inspect.isgeneratorfunction(fn)
+        if raw and stream:
+            raise ConfigurationError(
+                f"handler {name!r} is raw and a generator function: a raw handler converses "
+                "on its channel itself, so it cannot also stream what it yields; drop raw=True "
+                "to stream its items, or write the items to the channel yourself"
+            )
+        self.handlers[name] = Handler(name, fn, raw, stream)
 
     def add_signal_handler(self, sig: str | int, fn: Callable[[], Any]) -> None:
         """Run ``fn()`` on ``sig`` (see :meth:`Server.add_signal_handler`)."""
