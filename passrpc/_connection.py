@@ -37,7 +37,6 @@ from collections.abc import Callable, Collection
 from ._auth import check_uid
 from ._channel import Channel, DescriptorBudget, Peer
 from ._dispatch import Dispatcher, RawCall
-from ._streams import StreamCall
 from ._errors import AuthenticationError, ConnectionClosed, Timeout
 from ._handshake import (
     HANDSHAKE_MAX_FRAME,
@@ -47,6 +46,7 @@ from ._handshake import (
     refusal,
 )
 from ._protocol import HANDSHAKE
+from ._streams import StreamCall
 from ._wire import WireOptions
 
 NEW, HELLO, PROOF, AUTHENTICATED = range(4)  # stages: what the connection waits for next

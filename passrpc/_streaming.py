@@ -175,7 +175,8 @@ class StreamReader:
             RemoteError and the like: the stream ended with an ERROR frame (the
                 generator raised); the connection is in step. After a cancel,
                 an ERROR frame ends the stream quietly instead.
-            OutOfStep: a frame that does not belong to a stream; close the connection.
+            OutOfStep: a frame that does not belong to a stream; close the
+                connection (the stream is not :attr:`done`: it is broken).
         """
         if kind == ITEM and type(payload) is list:
             return payload
@@ -187,7 +188,6 @@ class StreamReader:
             if self.cancelled:  # "cancelled", or the generator's error that crossed the cancel
                 return None
             raise error_from_payload(payload, self.types)
-        self.done = True  # nothing more to read: the connection is closed
         raise OutOfStep(
             f"expected an item of the stream of {self.name!r}, the server sent a frame of "
             f"kind {kind!r}"

@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from ._channel import Channel
-from ._errors import ConnectionClosed, DecodeError, EncodeError, FrameTooLarge, ProtocolError, Timeout
+from ._errors import (
+    ConnectionClosed,
+    DecodeError,
+    EncodeError,
+    FrameTooLarge,
+    ProtocolError,
+    Timeout,
+)
 from ._protocol import Frame, exception_reply
 from ._stats import HandlerCounters
 from ._streaming import END, END_FRAME, ITEM, MORE, cancelled, credit, unsendable_item
@@ -44,7 +51,8 @@ class Streamed(Protocol):
 def report(name: str) -> Frame:
     """The ERROR frame for the exception a generator is raising now; logged at INFO."""
     exc_type, exc, tb = sys.exc_info()
-    assert exc_type is not None and exc is not None
+    assert exc_type is not None
+    assert exc is not None
     frame = exception_reply(exc_type, exc, tb)
     logger.info("stream %r raised %s: %s", name, exc_type.__name__, frame[1]["message"])
     return frame
@@ -177,7 +185,7 @@ def _listen(channel: Channel, available: int) -> int:
         if frame is None:
             if available:
                 return available
-            raise Timeout(f"no credit came within the idle timeout of {channel.timeout} s")
+            raise Timeout("the client granted no credit within the server's client_idle_timeout")
         kind, payload = frame
         if kind == MORE:
             available = credit(available, payload)
