@@ -175,9 +175,7 @@ def run_call(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stream(
-    proxy: Proxy, name: str, positional: list[Any], keywords: dict[str, Any]
-) -> int:
+def _print_stream(proxy: Proxy, name: str, positional: list[Any], keywords: dict[str, Any]) -> int:
     """Print a stream's items as they come, one JSON line each; Ctrl-C ends the stream.
 
     The items may take as long as they take (a log being followed): the

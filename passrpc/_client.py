@@ -128,15 +128,22 @@ class Proxy(ProxyBase):
         return self._reconnect()
 
     def _reconnect(self) -> Channel:
+        """The thread's connection when the call's fast path could not take it, or a new one.
+
+        The fast path misses when the thread has none, when it is a forked
+        parent's, when a dropped stream flagged it, and when its send failed.
+        """
         if self._closed:
             raise ConnectionClosed("this proxy was closed; make a new one")
         connection = self._local.connection
+        usable = connection is None  # a dropped stream's cancel may give one back
         if connection is not None and connection.generation == _FLAGGED:
             connection.generation = connection.born
+            usable = True
         if self._dropped:
             self._cancel_dropped()
         connection = self._local.connection
-        if connection is not None and connection.generation == generation[0]:
+        if usable and connection is not None and connection.generation == generation[0]:
             return connection.channel
         self._drop()
         return self._adopt(self._open())
@@ -227,8 +234,10 @@ class Proxy(ProxyBase):
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = UNSET
     ) -> Stream:
         """Send a STREAM request on the thread's connection, which the stream takes; its :class:`Stream`."""
-        self._reconnect()  # the thread's connection, after any dropped stream's cancel
         connection = self._local.connection
+        if connection is None or connection.generation != generation[0]:
+            self._reconnect()  # after any dropped stream's cancel
+            connection = self._local.connection
         assert connection is not None
         self._local.connection = None  # the stream's now: a call meanwhile opens another
         channel = connection.channel

@@ -35,9 +35,9 @@ from ._aiochannel import (
     expire,
     open_async_channel,
 )
+from ._aiostream import AsyncStream
 from ._auth import find_password
 from ._clientcore import UNSET, ProxyBase, check_type_names, generation, make_proxy_class
-from ._clientstream import AsyncStream
 from ._errors import ConfigurationError, ConnectionClosed, DecodeError, EncodeError, Timeout
 from ._handshake import password_key
 from ._protocol import (
