@@ -134,7 +134,12 @@ class StreamCall:
             return _raise(exc)
 
     def _send_items(self, channel: Channel, items: Iterator[Any]) -> str:
-        """Send every item, then the end; how it ended. Raises _Cancelled on the client's END."""
+        """Send every item, then the end; how it ended. Raises _Cancelled on the client's END.
+
+        The generator is asked for an item before the credit for it is
+        there, so that its end is sent without waiting for credit it does
+        not need: it runs one item ahead of the credit, held here.
+        """
         entry = self.entry
         send = channel.send_frame
         available = self.window
@@ -151,6 +156,10 @@ class StreamCall:
                 next(entry.counters.errors)
                 send(*report(entry.name))
                 return "raised"
+            if not available:  # the item waits here (the one the server holds) for credit
+                available = _listen(channel, 0)
+                unchecked = 0
+                looked = _now()
             try:
                 send(ITEM, value if type(value) is tuple else (value,))
             except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
@@ -161,7 +170,7 @@ class StreamCall:
             value = None  # let go of the item's descriptors now
             available -= 1
             unchecked += 1
-            if not available or unchecked >= every or _now() - looked >= LOOK_EVERY_NS:
+            if available and (unchecked >= every or _now() - looked >= LOOK_EVERY_NS):
                 available = _listen(channel, available)
                 unchecked = 0
                 looked = _now()
@@ -173,7 +182,8 @@ class StreamCall:
 
 
 def _listen(channel: Channel, available: int) -> int:
-    """Take the client's MORE and END frames: the credit then. Waits only while there is none.
+    """Take the client's MORE and END frames: the credit then. Waits only while there is none
+    (``available`` 0), and then until some comes.
 
     Raises:
         _Cancelled: the client sent END.
@@ -185,6 +195,7 @@ def _listen(channel: Channel, available: int) -> int:
         if frame is None:
             if available:
                 return available
+            # SO_RCVTIMEO (the idle timeout) ran out with no frame.
             raise Timeout("the client granted no credit within the server's client_idle_timeout")
         kind, payload = frame
         if kind == MORE:
