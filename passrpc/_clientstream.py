@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from ._channel import Channel
 from ._errors import DecodeError
-from ._streaming import END_FRAME, MORE, StreamReader, value_of
+from ._streaming import END_FRAME, ITEM, MORE, StreamReader, value_of
 
 #: Seconds :meth:`Stream.close` waits for the server to confirm a cancel
 #: (at most the proxy's timeout): a generator busy in its own code stops
@@ -47,39 +47,45 @@ class Link:
         self.give_back = give_back
         self.timeout = timeout  # the proxy's, restored after a bounded read
 
-    def next(self) -> Any:
-        """The next item's value; StopIteration at the end; the generator's error after its items."""
-        reader = self.reader
-        if reader.done:
-            raise StopIteration
-        channel = self.channel
-        try:
-            values = reader.receive(*channel.receive_frame())
-            if values is None:
-                self._over()
-                raise StopIteration
-            grant = reader.taken()
-            if grant:
-                channel.send_frame(MORE, grant)
-        except StopIteration:
-            raise
-        except DecodeError:
+    def failed(self, exc: BaseException) -> NoReturn:
+        """Raise ``exc``, which reading the stream's next frame raised, the stream left as it must be."""
+        if isinstance(exc, DecodeError):
             # An item that could not be rebuilt was skipped whole: it counts
             # as taken, and the stream goes on.
-            grant = reader.taken()
+            grant = self.reader.taken()
             if grant:
-                self._grant(grant)
-            raise
+                self.grant(grant)
+        else:
+            self._discard()  # the connection broke, timed out, or was interrupted mid-read
+        raise exc
+
+    def other(self, kind: int, payload: Any) -> Any:
+        """The value of a frame that is no plain item: the end (StopIteration), an error, or broken."""
+        reader = self.reader
+        try:
+            values = reader.receive(kind, payload)
         except Exception:
             if reader.done:
                 self._over()  # the generator raised: the connection is in step
             else:
                 self._discard()
             raise
-        except BaseException:
-            self._discard()  # interrupted mid-read: the connection is out of step
-            raise
+        if values is None:
+            self._over()
+            raise StopIteration
+        grant = reader.taken()
+        if grant:
+            self.grant(grant)
         return value_of(values)
+
+    def grant(self, items: int) -> None:
+        """Grant credit for ``items`` more items (the consumer took them)."""
+        self.reader.unacked = 0
+        try:
+            self.channel.send_frame(MORE, items)
+        except BaseException:
+            self._discard()
+            raise
 
     def cancel(self) -> None:
         """Cancel the stream, drop what is still in flight; the connection goes back when in step.
@@ -106,13 +112,6 @@ class Link:
             raise
         channel.timeout = self.timeout
         self._over()
-
-    def _grant(self, grant: int) -> None:
-        try:
-            self.channel.send_frame(MORE, grant)
-        except BaseException:
-            self._discard()
-            raise
 
     def _over(self) -> None:
         self.reader.done = True
@@ -152,7 +151,23 @@ class Stream(Iterator[Any]):
         return self
 
     def __next__(self) -> Any:
-        return self._link.next()
+        link = self._link
+        reader = link.reader
+        if reader.done:
+            raise StopIteration
+        try:
+            kind, payload = link.channel.receive_frame()
+        except BaseException as exc:
+            link.failed(exc)
+        # StreamReader.receive's and taken's common case, inlined: this runs for every item.
+        if kind == ITEM and type(payload) is list:
+            unacked = reader.unacked + 1
+            if unacked * 2 >= reader.window:
+                link.grant(unacked)
+            else:
+                reader.unacked = unacked
+            return payload[0] if len(payload) == 1 else tuple(payload)
+        return link.other(kind, payload)
 
     @property
     def done(self) -> bool:
