@@ -127,7 +127,7 @@ class Stream(Iterator[Any]):
 
     A proxy's method of a generator handler returns one; the request is
     already sent, so the server works ahead of you, at most the stream's
-    window of items (128 by default). Each item is the yielded value, or a
+    window of items (256 by default). Each item is the yielded value, or a
     tuple if it yielded a tuple; descriptors arrive as
     :class:`FileDescriptor`. A generator's exception is raised by
     ``next()`` after the items it yielded first, as the :class:`RemoteError`

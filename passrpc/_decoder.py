@@ -299,7 +299,14 @@ class Decoder(FrameBuffer):
             self._consumed(start, stop, end)
             return _MESSAGE, payload
         if self._plain and length >= 3 and buf.startswith(_PLAIN_ITEM, start + HEADER_SIZE):
-            return self._plain_item(start, stop, end)
+            # A stream's item, decoded as a plain message is (a stream's many
+            # items mostly come several to a read).
+            try:
+                payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
+            except Exception as exc:
+                return self._failed(start, stop, end, view, exc)
+            self._consumed(start, stop, end)
+            return _ITEM, payload
         return self._next_general(start, stop, end, view)
 
     def _plain_item(self, start: int, stop: int, end: int) -> tuple[int, Any]:

@@ -140,40 +140,46 @@ class StreamCall:
         there, so that its end is sent without waiting for credit it does
         not need: it runs one item ahead of the credit, held here.
         """
+        # The loop of every item: kept flat, its names local.
         entry = self.entry
         send = channel.send_frame
+        now = _now
+        kind = ITEM
         available = self.window
         every = max(self.window // 2, 1)
-        unchecked = 0
-        looked = _now()
-        while True:
-            try:
-                value = next(items)
-            except StopIteration:
-                send(*END_FRAME)
-                return "returned"
-            except BaseException:  # anything, as for a call: the thread serves on
-                next(entry.counters.errors)
-                send(*report(entry.name))
-                return "raised"
-            if not available:  # the item waits here (the one the server holds) for credit
-                available = _listen(channel, 0)
-                unchecked = 0
-                looked = _now()
-            try:
-                send(ITEM, value if type(value) is tuple else (value,))
-            except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
-                next(entry.counters.errors)
-                _close(entry.name, items)
-                send(*unsendable_item(entry.name, exc))
-                return "raised"
-            value = None  # let go of the item's descriptors now
-            available -= 1
-            unchecked += 1
-            if available and (unchecked >= every or _now() - looked >= LOOK_EVERY_NS):
-                available = _listen(channel, available)
-                unchecked = 0
-                looked = _now()
+        countdown = every  # items until the next look for a cancel
+        looked = now()
+        ours = False  # whether an exception comes from sending (else from the generator)
+        try:
+            for value in items:
+                ours = True
+                if not available:  # the item waits here (the one the server holds) for credit
+                    available = _listen(channel, 0)
+                    countdown = every
+                    looked = now()
+                try:
+                    send(kind, value if type(value) is tuple else (value,))
+                except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
+                    next(entry.counters.errors)
+                    _close(entry.name, items)
+                    send(*unsendable_item(entry.name, exc))
+                    return "raised"
+                value = None  # let go of the item's descriptors now
+                available -= 1
+                countdown -= 1
+                if available and (not countdown or now() - looked >= LOOK_EVERY_NS):
+                    available = _listen(channel, available)
+                    countdown = every
+                    looked = now()
+                ours = False
+        except BaseException:  # anything the generator raises, as for a call: the thread serves on
+            if ours:
+                raise
+            next(entry.counters.errors)
+            send(*report(entry.name))
+            return "raised"
+        send(*END_FRAME)
+        return "returned"
 
     def _timed(self, start: int) -> None:
         ns = _now() - start

@@ -41,7 +41,7 @@ from .helpers import (
 
 STREAM, ITEM, MORE, END = 5, 6, 7, 8
 #: The window the proxies ask for (docs/protocol.md section 3).
-WINDOW = 128
+WINDOW = 256
 
 
 @pytest.fixture(scope="module")
