@@ -144,6 +144,7 @@ class StreamCall:
         entry = self.entry
         send = channel.send_frame
         now = _now
+        look_every = LOOK_EVERY_NS
         kind = ITEM
         available = self.window
         every = max(self.window // 2, 1)
@@ -167,7 +168,7 @@ class StreamCall:
                 value = None  # let go of the item's descriptors now
                 available -= 1
                 countdown -= 1
-                if available and (not countdown or now() - looked >= LOOK_EVERY_NS):
+                if available and (not countdown or now() - looked >= look_every):
                     available = _listen(channel, available)
                     countdown = every
                     looked = now()
