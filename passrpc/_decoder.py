@@ -51,10 +51,10 @@ _MESSAGE_WORD = 0x9300
 _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
 _PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
-#: A stream's item without descriptors (docs/protocol.md section 9): the
-#: plain message's fast paths take it too, once a frame is no message.
+#: A stream's item without descriptors (docs/protocol.md section 9): decoded
+#: as a plain message is, once a frame is no message. (Not in the one-frame
+#: fast path: code there costs every call, even where it never runs.)
 _ITEM = int(Kind.ITEM)
-_PLAIN_ITEM_WORD = 0x930600
 _PLAIN_ITEM = b"\x93\x06\x00"
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
 # Every unpackb below passes timestamp=3: msgpack's Timestamp becomes a
@@ -270,8 +270,6 @@ class Decoder(FrameBuffer):
                     frame = self._message_with_fds(end, word >> 8 & 0xFF)
                     if frame is not None:
                         return frame
-                elif word >> 8 == _PLAIN_ITEM_WORD and not self._fds:
-                    return self._plain_item(0, end, end)
         self.end = end
         if end - start < HEADER_SIZE:
             if self._broken is not None:
@@ -308,17 +306,6 @@ class Decoder(FrameBuffer):
             self._consumed(start, stop, end)
             return _ITEM, payload
         return self._next_general(start, stop, end, view)
-
-    def _plain_item(self, start: int, stop: int, end: int) -> tuple[int, Any]:
-        """A stream's item without descriptors at ``start:stop``, decoded as a plain message is."""
-        view = self.view[start + HEADER_SIZE : stop]
-        try:
-            payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
-        except Exception as exc:  # as a plain message's: skipped, or the general path's
-            self.end = end
-            return self._failed(start, stop, end, view, exc)
-        self._consumed(start, stop, end)
-        return _ITEM, payload
 
     def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:
         """Decode the one whole frame in the buffer, a message that carries ``nfds`` descriptors.
