@@ -264,6 +264,8 @@ class Proxy(ProxyBase):
 
     def _connection(self, timeout: Any) -> _Connection:
         """A new connection, not the thread's (a stream's), closed with the proxy."""
+        if self._closed:
+            raise ConnectionClosed("this proxy was closed; make a new one")
         connection = _Connection(self._open(timeout))
         with self._lock:
             self._connections.add(connection)

@@ -565,3 +565,12 @@ class TestCommandLine:
         _, err = process.communicate(timeout=30)
         assert process.returncode == 130, err
         wait_closed(marker)
+
+
+def test_a_closed_proxy_opens_no_stream(server: Server) -> None:
+    """A stream method of a closed proxy raises ConnectionClosed, as a call does."""
+    proxy = server.proxy(timeout=WAIT)
+    assert proxy.echo(1) == 1
+    proxy.close()
+    with pytest.raises(passrpc.ConnectionClosed):
+        proxy.numbers(3)
