@@ -23,7 +23,11 @@ W1  a small call on a persistent connection, ``echo(i)``; and passrpc's
 W2  connect + authenticate + one call + close
 W3  throughput of K = 1, 4, 16 client processes, unpinned
 W4  bulk echo of 1 MiB and 8 MiB
-W5  a call that returns a file descriptor, against the lean floor's
+W5  a call that returns a file descriptor, against the lean floor's call that
+    returns one
+W6  a stream of 100,000 ints through the sync proxy, as items/s, against as
+    many plain W1 calls and a raw socket + msgpack floor that sends one frame
+    per item with one sendall each (pinned to one CPU, like W1)
 
 Latency (W1, W2, W4, W5) is measured with client and server pinned to one CPU,
 in batches that take turns between the systems of a workload; each figure is
@@ -40,6 +44,7 @@ import argparse
 import array
 import contextlib
 import datetime
+import gc
 import json
 import multiprocessing
 import os
@@ -101,7 +106,7 @@ CHART = os.path.join(ROOT, "docs", "performance.png")
 BEGIN = "<!-- benchmarks/run.py --write: results begin -->"
 END = "<!-- benchmarks/run.py --write: results end -->"
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
 MiB = 1024 * 1024
 #: Descriptors the lean floor makes room for in each read: passrpc's default Limits.max_fds.
 LEAN_MAX_FDS = passrpc.Limits().max_fds
@@ -126,6 +131,8 @@ class Settings:
         self.w3_rounds = 1 if quick else 3
         self.w3_clients = (1, 4, 16)
         self.bulk_sizes = (1 * MiB, 8 * MiB)
+        self.stream_items = 10_000 if quick else 100_000
+        self.stream_rounds = 3 if quick else 7
 
 
 # Servers (each runs in a forked child) ----------------------------------------
@@ -355,6 +362,10 @@ def _passrpc_server(
     @server.handler("fd")
     def fd() -> passrpc.FileDescriptor:
         return passrpc.FileDescriptor(os.dup(pipe[0]))
+
+    @server.handler("numbers")
+    def numbers(n: int) -> Any:
+        yield from range(n)
 
     @server.on_initialize_server
     def initialize() -> None:
@@ -770,6 +781,94 @@ def w5_passrpc(stack: contextlib.ExitStack, d: str, cpu: int | None) -> tuple[Ca
     return proxy.echo, call_fd
 
 
+# W6: a stream of small items ------------------------------------------------------------
+
+
+def _serve_stream_floor(conn: socket.socket) -> None:
+    """The stream's floor: for a request ``[name, n]``, n frames of one int, one sendall each."""
+    hdr = bytearray(4)
+    hview = memoryview(hdr)
+    view = memoryview(bytearray(64 * 1024))
+    pack, packb = HEADER.pack, msgpack.packb
+    sendall = conn.sendall
+    while recv_exact(conn, hview, 4):
+        (n,) = HEADER.unpack_from(hdr)
+        if not recv_exact(conn, view, n):
+            return
+        _, count = msgpack.unpackb(view[:n])
+        for i in range(count):
+            body = packb(i)
+            sendall(pack(len(body)) + body)
+
+
+def _stream_floor_client(sock: socket.socket) -> Callable[[int], int]:
+    """Read a floor stream of ``n`` items as a good client would: large reads, frames parsed out."""
+    unpack_from = HEADER.unpack_from
+    unpackb = msgpack.unpackb
+
+    def stream(n: int) -> int:
+        body = msgpack.packb(["numbers", n])
+        sock.sendall(HEADER.pack(len(body)) + body)
+        data = b""
+        got = total = 0
+        while got < n:
+            data += sock.recv(256 * 1024)
+            at, end = 0, len(data)
+            while at + 4 <= end:
+                (size,) = unpack_from(data, at)
+                if at + 4 + size > end:
+                    break
+                total += unpackb(data[at + 4 : at + 4 + size])
+                got += 1
+                at += 4 + size
+            data = data[at:]
+        return total
+
+    return stream
+
+
+def run_w6(run: Run, s: Settings) -> None:
+    """Items/s of a stream, of plain calls and of the floor, in rounds that take turns."""
+    pin(s.cpu)
+    n = s.stream_items
+    times: dict[str, list[float]] = {"floor": [], "stream": [], "calls": []}
+    with socket_dir() as d, contextlib.ExitStack() as stack:
+        floor = _stream_floor_client(
+            _served(stack, d, "stream floor", _serve_stream_floor, False, cpu=s.cpu)
+        )
+        proxy = _passrpc_server(stack, d, s.cpu, name="stream").proxy()
+        stack.callback(proxy.close)
+        echo, numbers = proxy.echo, proxy.numbers
+        expected = n * (n - 1) // 2
+        assert floor(n) == expected  # warm, and right
+        assert sum(numbers(n)) == expected
+        calls = n // 10  # plain calls are slow: a tenth as many, per item all the same
+        for round_ in range(s.stream_rounds):
+            print(f"  W6: round {round_ + 1}/{s.stream_rounds}", flush=True)
+            for key in times:
+                gc.collect()  # every run starts from the same heap state; gc stays on
+                start = time.perf_counter()
+                if key == "floor":
+                    floor(n)
+                elif key == "stream":
+                    for _ in numbers(n):
+                        pass
+                else:
+                    for i in range(calls):
+                        echo(i)
+                elapsed = time.perf_counter() - start
+                times[key].append((calls if key == "calls" else n) / elapsed)
+    labels = {
+        "floor": ("floor: raw socket + msgpack, one sendall per item", None),
+        "stream": ("passrpc stream (sync proxy)", "floor"),
+        "calls": ("passrpc proxy, one plain call per item", "stream"),
+    }
+    for key, rates in times.items():
+        st = Stats(rates)
+        label, ref = labels[key]
+        run.add(Result("W6", key, label, "items/s", st.median, st.q1, st.q3, ref, len(rates)))
+
+
 # Running the workloads -----------------------------------------------------------------
 
 
@@ -1082,6 +1181,7 @@ RUNNERS: dict[str, Callable[[Run, Settings], None]] = {
     "W3": run_w3,
     "W4": run_w4,
     "W5": run_w5,
+    "W6": run_w6,
 }
 
 
@@ -1192,6 +1292,26 @@ def targets(run: Run, s: Settings) -> list[Target]:
                     fd / lean_fd / 1.3,
                 )
             )
+    if run.of("W6"):
+        stream, calls, floor = value("W6", "stream"), value("W6", "calls"), value("W6", "floor")
+        if stream and calls:
+            out.append(
+                Target(
+                    "W6",
+                    "a stream's items/s ≥ 5x plain calls'",
+                    f"{stream / calls:.1f}x",
+                    5 / (stream / calls),
+                )
+            )
+        if stream and floor:
+            out.append(
+                Target(
+                    "W6",
+                    "a stream's items/s ≥ 50 % of the floor's",
+                    f"{stream / floor * 100:.0f} %",
+                    0.5 / (stream / floor),
+                )
+            )
     return out
 
 
@@ -1226,7 +1346,7 @@ def _fmt(r: Result, v: float | None) -> str:
         return ""
     if r.unit == "s":
         return f"{v * 1e6:,.1f}"
-    if r.unit == "calls/s":
+    if r.unit in ("calls/s", "items/s"):
         return f"{v:,.0f}"
     return f"{v:.2f}"
 
@@ -1243,6 +1363,12 @@ def _relative(run: Run, r: Result) -> str:
         return ""
     if r.unit == "GB/s":
         return f"{r.value / ref.value * 100:.0f} % of raw"
+    if r.unit == "items/s":  # higher is better: the reference's rate over this one's
+        return (
+            f"{ref.value / r.value:.2f}x slower"
+            if r.value < ref.value
+            else f"{r.value / ref.value:.2f}x faster"
+        )
     return f"{r.value / ref.value:.2f}x"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._channel import Channel, Peer
 from ._client import Proxy, connect, server_status
+from ._clientstream import Stream
 from ._collection import CollectionClosed, CollectionStatistics, ServerCollection
 from ._dispatch import current_peer
 from ._errors import (
@@ -66,6 +67,7 @@ __all__ = [
     "ServerNotStarted",
     "ServerStatus",
     "StartError",
+    "Stream",
     "TargetError",
     "Timeout",
     "TypeRegistry",

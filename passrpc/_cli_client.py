@@ -146,6 +146,9 @@ def run_call(args: argparse.Namespace) -> int:
     except ValueSyntaxError as exc:
         raise UsageError(str(exc)) from exc
     with _connect(args) as proxy:
+        info = proxy._handler_info.get(args.name)
+        if info is not None and info.get("stream"):
+            return _print_stream(proxy, args.name, positional, keywords)
         try:
             reply = proxy.call(args.name, *positional, **keywords)
             if isinstance(reply, Channel):
@@ -166,6 +169,32 @@ def run_call(args: argparse.Namespace) -> int:
     if fds:
         print(
             f"passrpc call: note: the reply carried {len(fds)} file descriptor(s), shown as "
+            '{"$fd": N} with the number they had in this process; they are closed now',
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _print_stream(proxy: Proxy, name: str, positional: list[Any], keywords: dict[str, Any]) -> int:
+    """Print a stream's items as they come, one JSON line each; Ctrl-C ends the stream.
+
+    The items may take as long as they take (a log being followed): the
+    timeout bounds connecting only. Ctrl-C (KeyboardInterrupt, exit status
+    130) closes the stream's connection, and the server stops the generator.
+    """
+    fds: list[int] = []
+    try:
+        with proxy.with_timeout(None).call(name, *positional, **keywords) as stream:
+            for item in stream:
+                try:
+                    print(json.dumps(jsonable(item, fds), ensure_ascii=False), flush=True)
+                finally:
+                    close_fds(item)
+    except RemoteError as exc:
+        raise Failure(f"handler {name!r} raised {exc}") from exc
+    if fds:
+        print(
+            f"passrpc call: note: the items carried {len(fds)} file descriptor(s), shown as "
             '{"$fd": N} with the number they had in this process; they are closed now',
             file=sys.stderr,
         )
@@ -214,6 +243,8 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     for info in sorted(described, key=lambda item: str(item["name"])):
         raw = "  [raw: converses on the channel]" if info.get("raw") else ""
+        if info.get("stream"):
+            raw += "  [stream: one item per line]"
         if info.get("async"):
             raw += "  [async]"
         print(f"{info['name']}{info.get('signature', '(...)')}{raw}")

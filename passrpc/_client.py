@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections import deque
 from collections.abc import Collection
 from types import TracebackType
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from ._auth import find_password, open_channel
 from ._channel import Channel
 from ._clientcore import UNSET, ProxyBase, check_type_names, generation, make_proxy_class
+from ._clientstream import Link, Stream
 from ._errors import ConnectionClosed, DecodeError, EncodeError
 from ._handshake import password_key
 from ._protocol import (
@@ -33,6 +35,7 @@ from ._protocol import (
     reply_result,
     request,
 )
+from ._streaming import DEFAULT_WINDOW, StreamReader, stream_request
 from ._types import TypeRegistry
 from ._wire import DEFAULT_LIMITS, Limits, WireOptions, wire_options
 
@@ -40,11 +43,13 @@ from ._wire import DEFAULT_LIMITS, Limits, WireOptions, wire_options
 class _Connection:
     """One thread's connection of a proxy; closes it when the thread's locals go."""
 
-    __slots__ = ("__weakref__", "channel", "generation")
+    __slots__ = ("__weakref__", "born", "channel", "generation")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self.generation = generation[0]
+        # generation is born's, or _FLAGGED: the next call takes the slow
+        # path, which cancels the streams dropped meanwhile.
+        self.generation = self.born = generation[0]
 
     def close(self) -> None:
         """End the connection; in a forked child, close only the child's copy of it.
@@ -59,6 +64,10 @@ class _Connection:
 
     def __del__(self) -> None:
         self.close()
+
+
+#: A connection's generation while dropped streams wait to be cancelled.
+_FLAGGED = -1
 
 
 class _PerThread(threading.local):
@@ -81,7 +90,10 @@ class Proxy(ProxyBase):
     own. Handlers whose names clash with the proxy's own methods, or are not
     identifiers, are reached through :meth:`call`. A raw handler's method
     sends the first message on a new connection and returns that
-    :class:`Channel` for you to converse on and close.
+    :class:`Channel` for you to converse on and close. A stream handler's
+    method returns a :class:`Stream` of its items; the stream owns the
+    thread's connection while it is open, so a call meanwhile opens another
+    (a proxy holds one connection per thread, plus one per open stream).
     """
 
     def __init__(
@@ -106,6 +118,8 @@ class Proxy(ProxyBase):
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
+        #: Streams dropped unfinished, cancelled on the next slow-path call.
+        self._dropped: deque[Link] = deque()
 
     def _channel(self) -> Channel:
         connection = self._local.connection
@@ -114,8 +128,23 @@ class Proxy(ProxyBase):
         return self._reconnect()
 
     def _reconnect(self) -> Channel:
+        """The thread's connection when the call's fast path could not take it, or a new one.
+
+        The fast path misses when the thread has none, when it is a forked
+        parent's, when a dropped stream flagged it, and when its send failed.
+        """
         if self._closed:
             raise ConnectionClosed("this proxy was closed; make a new one")
+        connection = self._local.connection
+        usable = connection is None  # a dropped stream's cancel may give one back
+        if connection is not None and connection.generation == _FLAGGED:
+            connection.generation = connection.born
+            usable = True
+        if self._dropped:
+            self._cancel_dropped()
+        connection = self._local.connection
+        if usable and connection is not None and connection.generation == generation[0]:
+            return connection.channel
         self._drop()
         return self._adopt(self._open())
 
@@ -201,9 +230,90 @@ class Proxy(ProxyBase):
             raise
         return channel
 
+    def _open_stream(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = UNSET
+    ) -> Stream:
+        """Send a STREAM request on the thread's connection, which the stream takes; its :class:`Stream`."""
+        connection = self._local.connection
+        if connection is None or connection.generation != generation[0]:
+            self._reconnect()  # after any dropped stream's cancel
+            connection = self._local.connection
+        assert connection is not None
+        self._local.connection = None  # the stream's now: a call meanwhile opens another
+        channel = connection.channel
+        frame = stream_request(name, args, kwargs, DEFAULT_WINDOW)
+        if timeout is not UNSET:
+            channel.timeout = timeout
+        try:
+            try:
+                channel.send_frame(*frame)
+            except ConnectionClosed:  # never delivered (see _call): safe to send again
+                connection.close()
+                connection = self._connection(timeout)
+                channel = connection.channel
+                channel.send_frame(*frame)
+        except EncodeError:
+            self._give_back(connection)  # nothing was sent: still in step
+            raise
+        except BaseException:
+            connection.close()
+            raise
+        reader = StreamReader(name, DEFAULT_WINDOW, channel.types)
+        own = self._timeout if timeout is UNSET else timeout
+        return Stream(name, Link(connection, reader, self._give_back, own), self)
+
+    def _connection(self, timeout: Any) -> _Connection:
+        """A new connection, not the thread's (a stream's), closed with the proxy."""
+        if self._closed:
+            raise ConnectionClosed("this proxy was closed; make a new one")
+        connection = _Connection(self._open(timeout))
+        with self._lock:
+            self._connections.add(connection)
+        return connection
+
+    def _give_back(self, connection: _Connection) -> None:
+        """Take back a stream's connection, in step: the thread's if it has none, else closed."""
+        channel = connection.channel
+        if (
+            self._local.connection is None
+            and not self._closed
+            and not channel.closed
+            and connection.born == generation[0]
+        ):
+            channel.timeout = self._timeout
+            connection.generation = connection.born
+            self._local.connection = connection
+        else:
+            connection.close()
+
+    def _dropped_stream(self, link: Link) -> None:
+        """Called by a :class:`Stream` dropped unfinished: cancel it on this thread's next call.
+
+        No I/O here (a finalizer runs it): the link waits in a queue, and
+        this thread's connection is flagged so that its next call takes the
+        slow path, which cancels what waits.
+        """
+        self._dropped.append(link)
+        try:
+            connection = self._local.connection
+        except Exception:  # the interpreter is shutting down
+            return
+        if connection is not None:
+            connection.generation = _FLAGGED
+
+    def _cancel_dropped(self) -> None:
+        """Cancel the streams dropped unfinished; their connections come back when in step."""
+        while True:
+            try:
+                link = self._dropped.popleft()
+            except IndexError:
+                return
+            link.cancel()
+
     def close(self) -> None:
         """Close every thread's connection; later calls raise :class:`ConnectionClosed`."""
         self._closed = True
+        self._dropped.clear()
         with self._lock:
             connections = list(self._connections)
         for connection in connections:

@@ -3,7 +3,8 @@
 A proxy class is made from the server's description of its handlers: one
 method per handler, named, documented and signed like it. How a handler is
 called depends on its *route* (:func:`passrpc._protocol.route`): "call" (a
-request and its reply) or "raw" (a conversation on a connection of its own).
+request and its reply), "raw" (a conversation on a connection of its own) or
+"stream" (items of a generator handler, as an iterator).
 Each concrete proxy names the method that carries each route in ``_routes``;
 everything else here is written once for both: the generated methods, the
 generic ``call()``, ``with_timeout()`` and fork detection. The I/O stays in
@@ -54,7 +55,11 @@ class ProxyBase:
     #: The class name ``repr()`` shows.
     _public_name: ClassVar[str] = "passrpc.Proxy"
     #: The method that carries each route: ``method(name, args, kwargs, timeout)``.
-    _routes: ClassVar[dict[Route, str]] = {"call": "_call", "raw": "_open_raw"}
+    _routes: ClassVar[dict[Route, str]] = {
+        "call": "_call",
+        "raw": "_open_raw",
+        "stream": "_open_stream",
+    }
     #: Whether generated methods are coroutines.
     _is_async: ClassVar[bool] = False
 
@@ -81,8 +86,10 @@ class ProxyBase:
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call handler ``name`` with the arguments given; the generic form of the methods.
 
-        For a raw handler this returns the channel to converse on, as its
-        method does. On an asyncio proxy, await the result.
+        For a raw handler this returns the channel to converse on, and for a
+        stream handler the iterator of its items, as its method does. On an
+        asyncio proxy, await the result (a stream's async iterator comes
+        without ``await``).
         """
         return self._invoke(name, args, kwargs, UNSET)
 
@@ -182,7 +189,9 @@ def _method(base: type[ProxyBase], name: str, info: dict[str, Any]) -> Callable[
     # Taken from the class once: the call path then looks up no attribute.
     fn = getattr(base, base._routes[route(info)])
     method: Callable[..., Any]
-    if base._is_async:
+    # A stream's method returns its iterator at once, an async one on an
+    # asyncio proxy: it is a plain method there too.
+    if base._is_async and route(info) != "stream":
 
         async def method_async(self: Any, *args: Any, **kwargs: Any) -> Any:
             return await fn(self, name, args, kwargs)

@@ -52,6 +52,7 @@ from ._handshake import (
     refusal,
 )
 from ._protocol import HANDSHAKE
+from ._streams import StreamCall
 from ._wire import WireOptions
 
 NEW, HELLO, PROOF, AUTHENTICATED = range(4)  # stages: what the connection waits for next
@@ -266,13 +267,22 @@ class ServerConnection:
             if not self._converse(outcome, idle_timeout):  # type: ignore[arg-type]
                 return False
 
-    def _converse(self, call: RawCall, idle_timeout: float | None) -> bool:
+    def _converse(self, call: RawCall | StreamCall, idle_timeout: float | None) -> bool:
         """Run a raw handler, which keeps this thread while it converses; False when it is over.
 
         It reads and writes on the channel as any channel does, waiting up to
         ``idle_timeout`` (the server's ``client_idle_timeout``) for the client.
+        A stream keeps the thread too, but its reads stay system calls that
+        block as the socket does: it looks for a cancel without waiting.
         """
         channel = self.channel
+        if type(call) is StreamCall:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(idle_timeout))
+            try:
+                return call.run(channel)
+            finally:
+                if not channel.closed:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _LINGER)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _FOREVER)
         channel.timeout = idle_timeout
         try:

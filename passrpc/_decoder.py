@@ -51,6 +51,11 @@ _MESSAGE_WORD = 0x9300
 _PLAIN_WORD = 0x930000  # ... and with no descriptors
 _FIXINT_FDS = 0x7F  # descriptor counts the fast path reads from one byte
 _PLAIN_MESSAGE = b"\x93\x00\x00"  # the same, as bytes to look for in a buffer
+#: A stream's item without descriptors (docs/protocol.md section 9): decoded
+#: as a plain message is, once a frame is no message. (Not in the one-frame
+#: fast path: code there costs every call, even where it never runs.)
+_ITEM = int(Kind.ITEM)
+_PLAIN_ITEM = b"\x93\x06\x00"
 _FAST_MIN = HEADER_SIZE + 4  # a header and the four body bytes the fast path reads
 _PAYLOAD = HEADER_SIZE + 3  # where a message's payload starts when its head is three bytes
 # Every unpackb below passes timestamp=3: msgpack's Timestamp becomes a
@@ -297,6 +302,15 @@ class Decoder(FrameBuffer):
                 return self._failed(start, stop, end, view, exc)
             self._consumed(start, stop, end)
             return _MESSAGE, payload
+        if self._plain and length >= 3 and buf.startswith(_PLAIN_ITEM, start + HEADER_SIZE):
+            # A stream's item, decoded as a plain message is (a stream's many
+            # items mostly come several to a read).
+            try:
+                payload = _unpackb(view, ext_hook=self._hook, timestamp=3)[2]
+            except Exception as exc:
+                return self._failed(start, stop, end, view, exc)
+            self._consumed(start, stop, end)
+            return _ITEM, payload
         return self._next_general(start, stop, end, view)
 
     def _message_with_fds(self, end: int, nfds: int) -> tuple[int, Any] | None:

@@ -49,6 +49,16 @@ from ._protocol import (
 )
 from ._registry import Handler
 from ._stats import SAMPLE_EVERY, HandlerCounters
+from ._streaming import (
+    END,
+    ITEM,
+    STREAM,
+    misdirected_item,
+    not_a_stream_call,
+    not_streamable,
+    parse_stream_request,
+)
+from ._streams import StreamCall
 from ._types import DEFAULT_TYPES, TypeRegistry
 from ._wire import PROTOCOL_VERSION
 
@@ -90,14 +100,16 @@ def current_peer() -> Peer:
 class Served:
     """A handler as the dispatcher serves it: the registered handler and its counters."""
 
-    __slots__ = ("calls", "counters", "fn", "name", "raw", "special")
+    __slots__ = ("calls", "counters", "fn", "name", "raw", "special", "stream")
 
     def __init__(self, handler: Handler, every_call: bool) -> None:
         self.name = handler.name
         self.fn = handler.fn
         self.raw = handler.raw
-        #: Raw or async: not called right away (one test for both on the hot path).
-        self.special = handler.raw or handler.is_async
+        self.stream = handler.stream
+        # Raw, stream or async: not a plain call. The hot path tests this one flag
+        # (Dispatcher._special says which).
+        self.special = handler.raw or handler.stream or handler.is_async
         self.counters = HandlerCounters(time_every_call=every_call)
         self.calls = self.counters.calls  # next() on it counts a call: the hot path's one step
 
@@ -281,8 +293,10 @@ class Dispatcher:
             "handlers": {name: e.counters.summary() for name, e in self.handlers.items()},
         }
 
-    def dispatch(self, kind: int, payload: Any) -> Frame | RawCall | AsyncCall:
-        """Return the reply frame to one request frame, or the :class:`RawCall` or :class:`AsyncCall` it starts.
+    def dispatch(self, kind: int, payload: Any) -> Frame | RawCall | StreamCall | AsyncCall | None:
+        """Return the reply frame to one request frame, or the :class:`RawCall`,
+        :class:`StreamCall` or :class:`AsyncCall` it starts; None for a frame that
+        gets no answer (a stream's MORE or cancel that crossed its end).
 
         A handler's exception becomes an ERROR frame (and is logged); so do
         a malformed request, an unknown handler name and an unknown frame
@@ -309,6 +323,8 @@ class Dispatcher:
                 # A tuple is a reply of several values; anything else, of one
                 # (protocol.reply, inlined).
                 return MESSAGE, result if type(result) is tuple else (result,)
+        if STREAM <= kind <= END:
+            return self._stream_frame(kind, payload)
         try:
             request = parse_request(kind, payload)
         except BadRequest as exc:
@@ -324,9 +340,7 @@ class Dispatcher:
         entry = served
         # next() counts the call; a multiple of SAMPLE_EVERY picks it for timing.
         if entry.special:
-            if entry.raw:
-                return RawCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY)
-            return AsyncCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY, payload)
+            return self._special(entry, args, kwargs, payload)
         if not next(entry.calls) % SAMPLE_EVERY:
             return self._timed_call(entry, args, kwargs)
         try:
@@ -335,6 +349,38 @@ class Dispatcher:
             next(entry.counters.errors)
             return _report(name)
         return reply(result)
+
+    def _special(
+        self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None, payload: Any
+    ) -> Frame | RawCall | AsyncCall:
+        """:meth:`dispatch` of a plain request for a raw or async handler, or for a
+        stream handler (refused: it needs a STREAM request)."""
+        if entry.raw:
+            return RawCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY)
+        if entry.stream:
+            return not_a_stream_call(entry.name)
+        return AsyncCall(entry, args, kwargs, not next(entry.calls) % SAMPLE_EVERY, payload)
+
+    def _stream_frame(self, kind: int, payload: Any) -> Frame | StreamCall | None:
+        """:meth:`dispatch` of a stream's frame: a STREAM request starts a :class:`StreamCall`.
+
+        A plain handler streams its one result as one item; a raw or async one is refused.
+        MORE and END outside a stream are late (they crossed its end): ignored.
+        """
+        if kind != STREAM:
+            if kind != ITEM:
+                return None
+            return misdirected_item()
+        try:
+            name, args, kwargs, window = parse_stream_request(payload)
+        except BadRequest as exc:
+            return exc.frame
+        entry = self.handlers.get(name)
+        if entry is None:
+            return unknown_message(name, self.handlers)
+        if entry.special and not entry.stream:  # raw, or an async def
+            return not_streamable(name, entry.raw)
+        return StreamCall(entry, args, kwargs, window, not next(entry.calls) % SAMPLE_EVERY)
 
     def _timed_call(self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None) -> Frame:
         """:meth:`dispatch`'s call, timed: for the sampled calls."""
@@ -383,7 +429,7 @@ class Dispatcher:
         peer: Peer,
         hurry: object,
         wait_more: Callable[[float], bool] | None = None,
-    ) -> bool | RawCall | AsyncCall:
+    ) -> bool | RawCall | StreamCall | AsyncCall:
         """Serve the requests that come on ``channel`` while they keep coming, in order; then say what next.
 
         Each read waits for the next request as the socket does (the
@@ -400,8 +446,9 @@ class Dispatcher:
             True when no whole request came: park the connection. False when
             the connection is over: the client left, broke the protocol, or
             stayed idle past the channel's timeout (the caller closes the
-            channel). A :class:`RawCall` for a raw handler's request: run it
-            (:meth:`RawCall.run`), then serve again.
+            channel). A :class:`RawCall` for a raw handler's request, or a
+            :class:`StreamCall` for a stream: run it (its ``run``), then
+            serve again.
         """
         # The server's side of every call: kept flat on purpose (a helper
         # call per request costs more than the 2 % a feature may).
@@ -440,9 +487,10 @@ class Dispatcher:
                         send(*reply)
                     except (EncodeError, FrameTooLarge) as exc:  # nothing was sent
                         send(*unsendable(payload, exc))
-                else:
-                    # A raw handler keeps this thread while it converses; an
-                    # async handler's connection holds no thread until it replies.
+                elif reply is not None:
+                    # A raw handler keeps this thread while it converses, and a
+                    # stream while it is open; an async handler's connection
+                    # holds no thread until it replies.
                     return reply  # type: ignore[no-any-return]
                 # Let go now, not at the next request: received or returned
                 # FileDescriptors close as soon as nobody holds them.

@@ -298,11 +298,14 @@ class HandlerEntry(Protocol):
     def raw(self) -> bool: ...
     @property
     def is_async(self) -> bool: ...
+    @property
+    def stream(self) -> bool: ...
 
 
-#: How a client calls a described handler: "call" (a request, one reply) or
-#: "raw" (the first message of a conversation on a connection of its own).
-Route = Literal["call", "raw"]
+#: How a client calls a described handler: "call" (a request, one reply),
+#: "raw" (the first message of a conversation on a connection of its own) or
+#: "stream" (a STREAM request, answered by items: see passrpc._streaming).
+Route = Literal["call", "raw", "stream"]
 
 
 #: The payload of a DESCRIBE request that asks for the registered types
@@ -354,6 +357,8 @@ def _describe_one(entry: HandlerEntry) -> dict[str, Any]:
     }
     if entry.is_async:  # absent otherwise: older clients ignore a key they do not know
         described["async"] = True
+    if entry.stream:  # only then: an older client ignores the key it does not know
+        described["stream"] = True
     return described
 
 
@@ -466,4 +471,8 @@ def parse_status(kind: int, payload: Any) -> ServerStatus:
 
 def route(info: dict[str, Any] | None) -> Route:
     """How a client calls the handler described by ``info`` (None: one it does not know)."""
-    return "raw" if info is not None and info.get("raw") else "call"
+    if info is None:
+        return "call"
+    if info.get("raw"):
+        return "raw"
+    return "stream" if info.get("stream") else "call"

@@ -27,11 +27,13 @@ ASYNC_HOOKS = ("initialize_server", "finalize_server")
 
 @attrs.frozen
 class Handler:
-    """A registered handler: its message name, the function, whether it converses raw, whether it is awaited."""
+    """A registered handler: its message name, the function, whether it converses raw,
+    whether it streams (a generator function: see passrpc._streams), whether it is awaited."""
 
     name: str
     fn: Callable[..., Any]
     raw: bool
+    stream: bool = False
     #: An ``async def``: awaited on the server's event loop (:mod:`passrpc._asyncloop`).
     is_async: bool = False
 
@@ -183,6 +185,14 @@ class Registry:
             raise ConfigurationError(
                 f"a handler for {name!r} is already registered ({self.handlers[name].fn!r})"
             )
+        # isgeneratorfunction sees through bound methods and functools.partial.
+        stream = inspect.isgeneratorfunction(fn)
+        if raw and stream:
+            raise ConfigurationError(
+                f"handler {name!r} is raw and a generator function: a raw handler converses "
+                "on its channel itself, so it cannot also stream what it yields; drop raw=True "
+                "to stream its items, or write the items to the channel yourself"
+            )
         is_async = inspect.iscoroutinefunction(fn)  # unwraps bound methods and partials
         if inspect.isasyncgenfunction(fn):
             raise ConfigurationError(
@@ -194,7 +204,7 @@ class Registry:
                 f"raw handler {name!r} is an async def: a raw handler converses on a blocking "
                 "channel in a thread of its own; make it a plain def (or drop raw=True)"
             )
-        self.handlers[name] = Handler(name, fn, raw, is_async)
+        self.handlers[name] = Handler(name, fn, raw, stream, is_async)
 
     def add_signal_handler(self, sig: str | int, fn: Callable[[], Any]) -> None:
         """Run ``fn()`` on ``sig`` (see :meth:`Server.add_signal_handler`)."""

@@ -75,17 +75,24 @@ class Kind(enum.IntEnum):
     #: Introspection: the request's payload is nil, the reply's an array of
     #: handler descriptions.
     DESCRIBE = 4
-    # 5 to 8 are reserved for streamed replies: see RESERVED_KINDS and
-    # docs/protocol.md, section 12.
+    #: Opens a stream (client to server): ``[name, [args...], {kwargs...}, window]``.
+    STREAM = 5
+    #: One item of a stream (server to client): the array of its values.
+    ITEM = 6
+    #: Credit for more items of a stream (client to server): a positive int.
+    MORE = 7
+    #: The end of a stream: nil. From the server, it ended; from the client, cancel it.
+    END = 8
     #: The server's counters: the request's payload is nil, the reply's a map
     #: (see passrpc._stats.ServerStatus).
     STATUS = 9
 
 
-#: Frame kinds set aside for coming features of protocol version 1. A peer
-#: that does not implement one answers it as any unknown kind (an ERROR frame
-#: of code "unknown_kind"), never by breaking the connection.
-RESERVED_KINDS = range(5, 9)
+#: Frame kinds set aside for coming features of protocol version 1 (none
+#: now: 5 to 8 became the stream's). A peer that does not implement a kind
+#: answers it as any unknown kind (an ERROR frame of code "unknown_kind"),
+#: never by breaking the connection.
+RESERVED_KINDS = range(5, 5)
 #: The largest kind a frame may have: one msgpack byte (a positive fixint).
 #: A larger or a negative kind is not passrpc, and breaks the connection.
 MAX_KIND = 0x7F

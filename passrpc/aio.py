@@ -35,6 +35,7 @@ from ._aiochannel import (
     expire,
     open_async_channel,
 )
+from ._aiostream import AsyncStream
 from ._auth import find_password
 from ._clientcore import UNSET, ProxyBase, check_type_names, generation, make_proxy_class
 from ._errors import ConfigurationError, ConnectionClosed, DecodeError, EncodeError, Timeout
@@ -47,6 +48,7 @@ from ._protocol import (
     reply_result,
     request,
 )
+from ._streaming import DEFAULT_WINDOW, StreamReader, stream_request
 from ._types import TypeRegistry
 from ._wire import DEFAULT_LIMITS, Buffer, Encoder, Limits, WireOptions, wire_options
 
@@ -54,6 +56,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "AsyncChannel",
     "AsyncProxy",
+    "AsyncStream",
     "PoolStatistics",
     "connect",
 ]
@@ -240,7 +243,9 @@ class AsyncProxy(ProxyBase, AsyncClosing):
     Handlers whose names clash with the proxy's own attributes, or are not
     identifiers, are reached through :meth:`call`. A raw handler's method
     opens a new connection, sends the first message and returns that
-    :class:`AsyncChannel` for you to converse on and close.
+    :class:`AsyncChannel` for you to converse on and close. A stream
+    handler's method is a plain one: it returns an :class:`AsyncStream` to
+    ``async for`` over, which holds one pooled connection while it is open.
 
     Use it from one event loop at a time; close it with ``close()``,
     ``await proxy.aclose()`` or ``async with``.
@@ -407,6 +412,55 @@ class AsyncProxy(ProxyBase, AsyncClosing):
                 ) from exc
             raise
         return channel
+
+    def _open_stream(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: Any = UNSET
+    ) -> AsyncStream:
+        if timeout is UNSET:
+            timeout = self._timeout
+        # Encoded now, so that a value that cannot travel fails the call itself.
+        buffers, fds = self._encoder.encode(*stream_request(name, args, kwargs, DEFAULT_WINDOW))
+
+        async def start(deadline: float | None) -> AsyncChannel:
+            return await self._start_stream(name, buffers, fds, timeout, deadline)
+
+        reader = StreamReader(name, DEFAULT_WINDOW, self._wire.types)
+        return AsyncStream(name, start, self._pool, reader, timeout, (args, kwargs))
+
+    async def _start_stream(
+        self,
+        name: str,
+        buffers: tuple[Buffer, ...],
+        fds: list[int],
+        timeout: float | None,
+        deadline: float | None,
+    ) -> AsyncChannel:
+        """Send a stream's request on a pooled connection, whose slot the stream then holds."""
+        pool = self._pool
+        channel = await self._acquire(name, timeout, deadline)
+        try:
+            if channel is not None:
+                try:
+                    await channel.send_encoded(buffers, fds, deadline)
+                    return channel
+                except NotDelivered:  # an idle connection the server closed (see _call)
+                    pool.discard(channel)
+                    channel = None
+            channel = await self._connect(deadline)
+            await channel.send_encoded(buffers, fds, deadline)
+            return channel
+        except EncodeError:
+            pool.release(channel)  # nothing was sent: still in step
+            raise
+        except BaseException as exc:
+            if channel is not None:
+                pool.discard(channel)
+            pool.release(None)
+            if isinstance(exc, Expired):
+                raise Timeout(
+                    f"opening the stream of {name!r} took longer than the timeout of {timeout} s"
+                ) from None
+            raise
 
     def close(self) -> None:
         """Close every connection; calls in flight and later calls raise ConnectionClosed.

@@ -90,7 +90,7 @@ class TestDispatchOnBareFrames:
             (MESSAGE, ["nope"], ERROR_UNKNOWN_MESSAGE),
             (MESSAGE, [1], ERROR_BAD_REQUEST),
             (CALL, ["add", 1, {}], ERROR_BAD_REQUEST),
-            (7, ["add", 1], ERROR_UNKNOWN_KIND),
+            (10, ["add", 1], ERROR_UNKNOWN_KIND),
             (42, None, ERROR_UNKNOWN_KIND),
             (MESSAGE, ["fail"], ERROR_REMOTE),
         ],
@@ -193,8 +193,8 @@ class TestConverse:
         c.write("nope")
         with pytest.raises(UnknownMessage):
             c.read()
-        c.send_frame(8, "a reserved kind")
-        with pytest.raises(ProtocolError, match="does not implement frame kind 8"):
+        c.send_frame(10, "a kind not in protocol version 1")
+        with pytest.raises(ProtocolError, match="does not implement frame kind 10"):
             c.read()
         c.write("unsendable")
         with pytest.raises(RemoteError, match="handler 'unsendable' returned a value that cannot"):

@@ -29,6 +29,12 @@ EXPECTED = {
         r"^pipe: line 3 of 3, written by pid \d+$",
         r"^file: Welcome: this text came through a descriptor, not the socket\.$",
     ],
+    "streaming": [
+        r"^before: started, ready$",
+        r"^line: event 3$",
+        r"^followers while open: 1$",
+        r"^followers after close and one more line: 0$",
+    ],
     "preloader": [
         r"^worker \d+, forked by the fork server \d+ of server \d+: 1/7 = 0\.142857142857142857142857142857$",
         r"^worker \d+, forked by the fork server \d+ of server \d+: 22/7 = 3\.14285714285714285714285714286$",

@@ -24,6 +24,7 @@ LAYERS = {
     "_framebuffer": 0,
     "_decoder": 0,
     "_protocol": 0,
+    "_streaming": 0,
     "_handshake": 0,
     "_target": 0,
     # 1: one connection
@@ -43,9 +44,12 @@ LAYERS = {
     "_pool": 3,
     "_connection": 3,
     "_asyncloop": 3,
+    "_streams": 3,
     # 4: the clients (they know nothing of the server)
     "_clientcore": 4,
     "_client": 4,
+    "_clientstream": 4,
+    "_aiostream": 4,
     "_aiochannel": 4,
     "aio": 4,
     # 5: the Server facade (its proxy() is a client's), and the spawned process
@@ -61,7 +65,16 @@ LAYERS = {
     "__main__": 7,
     "__init__": 7,
 }
-PURE = {"_errors", "_types", "_wire", "_framebuffer", "_decoder", "_protocol", "_handshake"}
+PURE = {
+    "_errors",
+    "_types",
+    "_wire",
+    "_framebuffer",
+    "_decoder",
+    "_protocol",
+    "_streaming",
+    "_handshake",
+}
 IO_MODULES = {"socket", "os", "threading", "select", "signal", "subprocess", "selectors", "asyncio"}
 
 

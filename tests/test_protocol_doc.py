@@ -28,7 +28,7 @@ import msgpack
 import pytest
 
 from passrpc import _handshake as handshake_module
-from passrpc import _protocol, _types, _wire
+from passrpc import _protocol, _streaming, _types, _wire
 from passrpc._handshake import ClientHandshake, ServerHandshake, password_key
 from passrpc._protocol import error_payload
 from passrpc._types import TypeRegistry
@@ -118,6 +118,10 @@ EXAMPLES: dict[str, Callable[[], bytes]] = {
         },
     ),
     "describe-types": _frame(Kind.DESCRIBE, "types"),
+    "stream": _frame(Kind.STREAM, ("numbers", [5], {}, 128)),
+    "item": _frame(Kind.ITEM, [0]),
+    "more": _frame(Kind.MORE, 64),
+    "end": _frame(Kind.END, None),
     "values": _frame(
         Kind.MESSAGE,
         ("move", Point(1, 2), datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)),
@@ -129,7 +133,7 @@ EXAMPLES: dict[str, Callable[[], bytes]] = {
 }
 
 #: Constants listed in the document's ``<!-- constants -->`` block, and where they live.
-CONSTANT_MODULES = (_wire, handshake_module, _protocol, _types)
+CONSTANT_MODULES = (_wire, handshake_module, _protocol, _streaming, _types)
 
 _MARKER = re.compile(r"<!-- frame: ([\w-]+) -->\s*\n```text\n(.*?)```", re.DOTALL)
 _LINE = re.compile(r"^([0-9a-f]{4})  ([0-9a-f]{2}(?: [0-9a-f]{2})*)(?:  +.*)?$")
