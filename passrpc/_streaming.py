@@ -98,13 +98,13 @@ def not_a_stream_call(name: str) -> Frame:
     )
 
 
-def not_streamable(name: str, raw: bool = True) -> Frame:
-    """The ERROR frame that answers a STREAM request for a raw handler (or an async one)."""
-    what = "raw: it converses on its connection" if raw else "an async def that returns one value"
+def not_streamable(name: str) -> Frame:
+    """The ERROR frame that answers a STREAM request for a raw handler."""
     return ERROR, error_payload(
         ERROR_BAD_REQUEST,
         "ProtocolError",
-        f"handler {name!r} is {what} and cannot be streamed; send it a plain request",
+        f"handler {name!r} is raw: it converses on its connection and cannot be streamed; "
+        "send it a plain request",
     )
 
 

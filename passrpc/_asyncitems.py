@@ -1,0 +1,183 @@
+"""An async generator handler's items, fetched from the server's event loop for a stream's pool thread.
+
+A stream of an ``async def`` generator is driven as a sync generator's is
+(:class:`~passrpc._streams.StreamCall`, on the pool thread that serves the
+connection): its reads of the client's credit and cancels block. Only the
+items come from elsewhere: :class:`AsyncItems` is the iterator it drives,
+and each ``next()`` asks one task on the event loop for the generator's next
+item and waits for it. One task for the whole stream, so the generator runs
+in one context from its first item to its last (the one :func:`current_peer
+<passrpc._dispatch.current_peer>` reads, and any context variable it sets
+itself), on every Python from 3.10 on. Closing the iterator cancels that
+task: the generator is closed at its ``yield`` (``aclose()``: its
+``finally`` runs), or cancelled at its ``await`` if the loop stops under it.
+
+Without the server's loop (a :class:`~passrpc._dispatch.Dispatcher` that
+converses in a thread of its own) the iterator runs a private event loop in
+the calling thread while it waits for each item, and closes it at the end.
+Imported only by a stream of an async handler: asyncio is loaded when wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+#: Seconds between two looks, while an item is awaited, at whether the event
+#: loop is still there: a loop closed under a wait (the server stops, and
+#: the generator ignored its cancellation) must not hold the thread forever.
+LOOK_EVERY = 1.0
+
+
+async def one_item(
+    fn: Callable[..., Awaitable[Any]], args: list[Any], kwargs: dict[str, Any]
+) -> AsyncIterator[Any]:
+    """A plain ``async def`` asked for a stream: its one result is the stream's one item."""
+    yield await fn(*args, **kwargs)
+
+
+class AsyncItems:
+    """The items of ``agen`` as a blocking iterator; ``close()`` closes the generator.
+
+    Args:
+        agen: the async generator (made, not started: nothing of it runs here).
+        loop: the server's event loop, run by another thread; None for a
+            private one that this iterator runs in the calling thread.
+        context: the generator's context (the handler's peer set in it).
+    """
+
+    __slots__ = ("_agen", "_context", "_done", "_loop", "_own", "_task", "_waiter")
+
+    def __init__(
+        self,
+        agen: AsyncIterator[Any],
+        loop: asyncio.AbstractEventLoop | None,
+        context: contextvars.Context,
+    ) -> None:
+        self._agen = agen
+        self._own = loop is None
+        self._loop = asyncio.new_event_loop() if loop is None else loop
+        self._context = context
+        self._task: asyncio.Task[None] | None = None
+        #: On the loop: what the task awaits for the pool thread's next ask.
+        self._waiter: asyncio.Future[concurrent.futures.Future[Any]] | None = None
+        #: Set when the task is over: how the generator's closing went.
+        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def __iter__(self) -> AsyncItems:
+        return self
+
+    def __next__(self) -> Any:
+        asked: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            if self._own:
+                self._ask(asked)
+                return self._loop.run_until_complete(asyncio.wrap_future(asked, loop=self._loop))
+            try:
+                self._loop.call_soon_threadsafe(self._ask, asked)
+            except RuntimeError:  # closed: the server is stopping
+                raise _stopping() from None
+            return _wait(asked, self._loop)
+        except StopAsyncIteration:
+            self._over()
+            raise StopIteration from None
+        except BaseException:
+            if asked.done():  # the generator raised (or was cancelled): it is over
+                self._over()
+            raise
+
+    def _ask(self, asked: concurrent.futures.Future[Any]) -> None:
+        """On the loop: start the task with the first ask, hand it the later ones."""
+        if self._task is None:
+            # The task runs in a copy of the context current here: the generator's.
+            self._task = self._context.run(self._loop.create_task, self._drive(asked))
+            return
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # cancelled at its yield: the loop stops
+            asked.set_exception(_stopping())
+        else:
+            waiter.set_result(asked)
+
+    async def _drive(self, asked: concurrent.futures.Future[Any]) -> None:
+        """The task: one item of the generator for each ask; then close it.
+
+        Cancelled while the generator waits at its ``yield`` (the pool
+        thread closed the iterator), it closes the generator there; cancelled
+        while the generator awaits (the loop stops), the generator gets the
+        CancelledError, and the thread that waits for the item gets it too.
+        """
+        agen = self._agen
+        loop = self._loop
+        try:
+            while True:
+                try:
+                    item = await agen.__anext__()
+                except asyncio.CancelledError:  # at its await: the loop stops
+                    asked.set_exception(_stopping())
+                    raise
+                except BaseException as exc:  # its end or its error: the thread raises it
+                    # (SystemExit and KeyboardInterrupt too: out of a task they would end the loop)
+                    asked.set_exception(exc)
+                    return
+                asked.set_result(item)
+                item = asked = None  # let go of the item's descriptors now
+                self._waiter = waiter = loop.create_future()
+                asked = await waiter
+        finally:
+            self._waiter = None
+            try:
+                await agen.aclose()  # GeneratorExit at its yield: its finally runs
+            except BaseException as exc:
+                self._done.set_exception(exc)
+            else:
+                self._done.set_result(None)
+
+    def close(self) -> None:
+        """Close the generator on the loop and wait for it; raise what it raised then."""
+        task = self._task
+        if self._own:
+            if task is not None and not task.done():
+                task.cancel()
+            self._over()
+        elif task is not None and not self._done.done():
+            try:
+                self._loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop is closed: it closed the generator as it stopped
+                return
+            _wait(self._done, self._loop)
+        if self._done.done():
+            self._done.result()  # raises what the generator raised as it was closed
+
+    def _over(self) -> None:
+        """The generator is over (or is being closed): a private loop finishes its task and closes."""
+        loop = self._loop
+        if not self._own or loop.is_closed():
+            return
+        try:
+            task = self._task
+            if task is not None and not task.done():
+                loop.run_until_complete(asyncio.wait({task}))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+def _wait(future: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop) -> Any:
+    """The result of ``future``, set on ``loop``'s thread; raises if the loop closes first."""
+    while True:
+        try:
+            return future.result(LOOK_EVERY)
+        except concurrent.futures.TimeoutError:
+            if loop.is_closed():
+                raise _stopping() from None
+
+
+def _stopping() -> RuntimeError:
+    """What the stream's caller gets when the event loop stops under its generator."""
+    return RuntimeError(
+        "the server's event loop stopped while the stream's async generator ran, and "
+        "cancelled it: the server is stopping; call again once it runs"
+    )
