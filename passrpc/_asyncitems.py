@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 #: Seconds between two looks, while an item is awaited, at whether the event
@@ -53,7 +53,7 @@ class AsyncItems:
 
     def __init__(
         self,
-        agen: AsyncIterator[Any],
+        agen: AsyncGenerator[Any, None],
         loop: asyncio.AbstractEventLoop | None,
         context: contextvars.Context,
     ) -> None:
@@ -123,7 +123,7 @@ class AsyncItems:
                     asked.set_exception(exc)
                     return
                 asked.set_result(item)
-                item = asked = None  # let go of the item's descriptors now
+                del item, asked  # let go of the item's descriptors now
                 self._waiter = waiter = loop.create_future()
                 asked = await waiter
         finally:

@@ -148,8 +148,7 @@ class Server(WorkerMethods):
 
         The handler gets the message's arguments; what it returns is the
         reply (a tuple becomes a reply of several values). With ``raw=True``
-        it gets the :class:`Channel` first and converses itself; an async def is awaited;
-        a generator function, async or not, streams what it yields.
+        it gets the :class:`Channel` first and converses itself; an async def is awaited.
 
         Raises:
             ConfigurationError: ``name`` is taken, the server started, or ``fn`` cannot be served.
