@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -49,7 +50,18 @@ class AsyncItems:
         context: the generator's context (the handler's peer set in it).
     """
 
-    __slots__ = ("_agen", "_context", "_done", "_loop", "_own", "_task", "_waiter")
+    __slots__ = (
+        "_agen",
+        "_context",
+        "_done",
+        "_filled",
+        "_loop",
+        "_own",
+        "_ready",
+        "_slot",
+        "_task",
+        "_waiter",
+    )
 
     def __init__(
         self,
@@ -62,8 +74,17 @@ class AsyncItems:
         self._loop = asyncio.new_event_loop() if loop is None else loop
         self._context = context
         self._task: asyncio.Task[None] | None = None
-        #: On the loop: what the task awaits for the pool thread's next ask.
-        self._waiter: asyncio.Future[concurrent.futures.Future[Any]] | None = None
+        #: On the loop: what the task awaits for the thread's next ask.
+        self._waiter: asyncio.Future[None] | None = None
+        #: The answer to an ask: (True, the item) or (False, what to raise).
+        self._slot: tuple[bool, Any] = (False, None)
+        # Released by the loop when the slot is filled: a plain lock is the
+        # cheapest hand-off between two threads (a Future per item costs a
+        # fifth more per item).
+        self._ready = threading.Lock()
+        self._ready.acquire()
+        #: The private loop's wait for the slot (no loop of the server's).
+        self._filled: asyncio.Future[None] | None = None
         #: Set when the task is over: how the generator's closing went.
         self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -71,43 +92,57 @@ class AsyncItems:
         return self
 
     def __next__(self) -> Any:
-        asked: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        try:
-            if self._own:
-                self._ask(asked)
-                return self._loop.run_until_complete(asyncio.wrap_future(asked, loop=self._loop))
+        loop = self._loop
+        if self._own:
+            self._filled = loop.create_future()
+            self._ask()
+            loop.run_until_complete(self._filled)
+        else:
             try:
-                self._loop.call_soon_threadsafe(self._ask, asked)
+                loop.call_soon_threadsafe(self._ask)
             except RuntimeError:  # closed: the server is stopping
                 raise _stopping() from None
-            return _wait(asked, self._loop)
-        except StopAsyncIteration:
-            self._over()
-            raise StopIteration from None
-        except BaseException:
-            if asked.done():  # the generator raised (or was cancelled): it is over
-                self._over()
-            raise
+            ready = self._ready
+            while not ready.acquire(timeout=LOOK_EVERY):
+                if loop.is_closed():
+                    raise _stopping()
+        ok, value = self._slot
+        self._slot = (False, None)  # let go of the item's descriptors with the item
+        if ok:
+            return value
+        self._over()  # the generator ended, raised, or was cancelled
+        if type(value) is StopAsyncIteration:
+            raise StopIteration
+        raise value
 
-    def _ask(self, asked: concurrent.futures.Future[Any]) -> None:
-        """On the loop: start the task with the first ask, hand it the later ones."""
+    def _fill(self, ok: bool, value: Any) -> None:
+        """On the loop: answer the thread's ask."""
+        self._slot = (ok, value)
+        if self._filled is not None:
+            self._filled.set_result(None)
+        else:
+            self._ready.release()
+
+    def _ask(self) -> None:
+        """On the loop: start the task with the first ask, wake it for the later ones."""
         if self._task is None:
             # The task runs in a copy of the context current here: the generator's.
-            self._task = self._context.run(self._loop.create_task, self._drive(asked))
+            self._task = self._context.run(self._loop.create_task, self._drive())
             return
         waiter = self._waiter
         if waiter is None or waiter.done():  # cancelled at its yield: the loop stops
-            asked.set_exception(_stopping())
+            self._fill(False, _stopping())
         else:
-            waiter.set_result(asked)
+            waiter.set_result(None)
 
-    async def _drive(self, asked: concurrent.futures.Future[Any]) -> None:
+    async def _drive(self) -> None:
         """The task: one item of the generator for each ask; then close it.
 
         Cancelled while the generator waits at its ``yield`` (the pool
         thread closed the iterator), it closes the generator there; cancelled
         while the generator awaits (the loop stops), the generator gets the
-        CancelledError, and the thread that waits for the item gets it too.
+        CancelledError, and the thread that waits for the item an error that
+        says the server is stopping.
         """
         agen = self._agen
         loop = self._loop
@@ -116,16 +151,16 @@ class AsyncItems:
                 try:
                     item = await agen.__anext__()
                 except asyncio.CancelledError:  # at its await: the loop stops
-                    asked.set_exception(_stopping())
+                    self._fill(False, _stopping())
                     raise
                 except BaseException as exc:  # its end or its error: the thread raises it
                     # (SystemExit and KeyboardInterrupt too: out of a task they would end the loop)
-                    asked.set_exception(exc)
+                    self._fill(False, exc)
                     return
-                asked.set_result(item)
-                del item, asked  # let go of the item's descriptors now
+                self._fill(True, item)
+                del item  # let go of the item's descriptors now
                 self._waiter = waiter = loop.create_future()
-                asked = await waiter
+                await waiter
         finally:
             self._waiter = None
             try:
