@@ -11,6 +11,10 @@ in one context from its first item to its last (the one :func:`current_peer
 itself), on every Python from 3.10 on. Closing the iterator cancels that
 task: the generator is closed at its ``yield`` (``aclose()``: its
 ``finally`` runs), or cancelled at its ``await`` if the loop stops under it.
+While an item is slow to come, the waiting thread looks every
+:data:`LOOK_EVERY` seconds at whether the client hung up (or the server shut
+the connection to stop): then the generator is cancelled where it awaits,
+as an async handler's call is.
 
 Without the server's loop (a :class:`~passrpc._dispatch.Dispatcher` that
 converses in a thread of its own) the iterator runs a private event loop in
@@ -23,14 +27,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import select
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
-#: Seconds between two looks, while an item is awaited, at whether the event
-#: loop is still there: a loop closed under a wait (the server stops, and
-#: the generator ignored its cancellation) must not hold the thread forever.
-LOOK_EVERY = 1.0
+from ._streams import ClientGone
+
+#: Seconds between two looks, while an item is awaited, at whether the
+#: client hung up (then the generator is cancelled where it awaits) and
+#: whether the event loop is still there (a loop closed under a wait must
+#: not hold the thread forever). Nothing is looked at while items come faster.
+LOOK_EVERY = 0.5
 
 
 async def one_item(
@@ -48,12 +56,16 @@ class AsyncItems:
         loop: the server's event loop, run by another thread; None for a
             private one that this iterator runs in the calling thread.
         context: the generator's context (the handler's peer set in it).
+        fd: the connection's socket, watched for a hang-up while an item is
+            awaited (None: not watched).
     """
 
     __slots__ = (
         "_agen",
+        "_cancelled",
         "_context",
         "_done",
+        "_fd",
         "_filled",
         "_loop",
         "_own",
@@ -68,8 +80,11 @@ class AsyncItems:
         agen: AsyncGenerator[Any, None],
         loop: asyncio.AbstractEventLoop | None,
         context: contextvars.Context,
+        fd: int | None = None,
     ) -> None:
         self._agen = agen
+        self._fd = fd
+        self._cancelled = False  # the task was cancelled once: never again (its finally runs)
         self._own = loop is None
         self._loop = asyncio.new_event_loop() if loop is None else loop
         self._context = context
@@ -106,6 +121,12 @@ class AsyncItems:
             while not ready.acquire(timeout=LOOK_EVERY):
                 if loop.is_closed():
                     raise _stopping()
+                if self._hung_up():
+                    self._cancel()  # CancelledError where it awaits; close() waits for its end
+                    raise ClientGone(
+                        "the connection was shut while the stream's async generator awaited an "
+                        "item: the client hung up, or the server is stopping"
+                    )
         ok, value = self._slot
         self._slot = (False, None)  # let go of the item's descriptors with the item
         if ok:
@@ -114,6 +135,26 @@ class AsyncItems:
         if type(value) is StopAsyncIteration:
             raise StopIteration
         raise value
+
+    def _hung_up(self) -> bool:
+        """Whether the client shut its end (buffered bytes or not: POLLRDHUP says so)."""
+        if self._fd is None:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
+
+    def _cancel(self) -> bool:
+        """Cancel the task, once; False if the loop is closed (it cancelled the task as it stopped)."""
+        task = self._task
+        if task is None or self._cancelled:
+            return True
+        self._cancelled = True
+        try:
+            self._loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:
+            return False
+        return True
 
     def _fill(self, ok: bool, value: Any) -> None:
         """On the loop: answer the thread's ask."""
@@ -178,9 +219,7 @@ class AsyncItems:
                 task.cancel()
             self._over()
         elif task is not None and not self._done.done():
-            try:
-                self._loop.call_soon_threadsafe(task.cancel)
-            except RuntimeError:  # the loop is closed: it closed the generator as it stopped
+            if not self._cancel():  # the loop is closed: it closed the generator as it stopped
                 return
             _wait(self._done, self._loop)
         if self._done.done():

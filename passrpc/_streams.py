@@ -78,6 +78,10 @@ class _Cancelled(Exception):
     """The client sent END: cancel the stream."""
 
 
+class ClientGone(ConnectionClosed):
+    """Raised by a stream's items, not by its generator: the client hung up while an item was awaited."""
+
+
 class StreamCall:
     """A STREAM request: a generator handler's items, sent while the client grants credit.
 
@@ -122,7 +126,7 @@ class StreamCall:
         items: Iterator[Any] | None = None
         try:
             try:
-                items = self._items()
+                items = self._items(channel)
                 outcome = self._send_items(channel, items)
             except _Cancelled:
                 outcome = "cancelled"
@@ -142,11 +146,11 @@ class StreamCall:
         logger.debug("stream %r %s", entry.name, outcome)
         return not channel.closed
 
-    def _items(self) -> Iterator[Any]:
+    def _items(self, channel: Channel) -> Iterator[Any]:
         """The generator of the request; a generator that raises at once for bad arguments."""
         entry = self.entry
         if self.context is not None:
-            return self._async_items()
+            return self._async_items(channel)
         if not entry.stream:
             return _one(entry.fn, self.args, self.kwargs)
         try:
@@ -154,7 +158,7 @@ class StreamCall:
         except BaseException as exc:  # wrong arguments: raised when its first item is asked for
             return _raise(exc)
 
-    def _async_items(self) -> Iterator[Any]:
+    def _async_items(self, channel: Channel) -> Iterator[Any]:
         """:meth:`_items` of an ``async def`` handler: its items, awaited on the event loop."""
         from ._asyncitems import AsyncItems, one_item  # asyncio is loaded only when wanted
 
@@ -167,7 +171,7 @@ class StreamCall:
                 agen = one_item(entry.fn, self.args, self.kwargs)
         except BaseException as exc:  # wrong arguments, as for a generator
             return _raise(exc)
-        return AsyncItems(agen, self.loop, self.context)
+        return AsyncItems(agen, self.loop, self.context, channel.fileno())
 
     def _send_items(self, channel: Channel, items: Iterator[Any]) -> str:
         """Send every item, then the end; how it ended. Raises _Cancelled on the client's END.
@@ -209,8 +213,10 @@ class StreamCall:
                     countdown = every
                     looked = now()
                 ours = False
-        except BaseException:  # anything the generator raises, as for a call: the thread serves on
-            if ours:
+        except (
+            BaseException
+        ) as exc:  # anything the generator raises, as for a call: the thread serves on
+            if ours or type(exc) is ClientGone:
                 raise
             next(entry.counters.errors)
             send(*report(entry.name))
