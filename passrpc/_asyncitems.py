@@ -32,7 +32,7 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ._streams import ClientGone
+from ._streaming import ClientGone
 
 #: Seconds between two looks, while an item is awaited, at whether the
 #: client hung up (then the generator is cancelled where it awaits) and

@@ -30,7 +30,16 @@ from ._errors import (
 )
 from ._protocol import Frame, exception_reply
 from ._stats import HandlerCounters
-from ._streaming import END, END_FRAME, ITEM, MORE, cancelled, credit, unsendable_item
+from ._streaming import (
+    END,
+    END_FRAME,
+    ITEM,
+    MORE,
+    ClientGone,
+    cancelled,
+    credit,
+    unsendable_item,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -76,10 +85,6 @@ def _raise(exc: BaseException) -> Iterator[Any]:
 
 class _Cancelled(Exception):
     """The client sent END: cancel the stream."""
-
-
-class ClientGone(ConnectionClosed):
-    """Raised by a stream's items, not by its generator: the client hung up while an item was awaited."""
 
 
 class StreamCall:
