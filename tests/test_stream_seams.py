@@ -6,6 +6,7 @@ Real server processes and sockets (tests/apps/streamer.py's handlers).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,7 @@ import passrpc
 from passrpc import ConnectionClosed, Server
 
 from .apps.streamer import make_server
-from .helpers import WAIT
+from .helpers import WAIT, wait_for
 
 ITEM, MORE, END = 6, 7, 8
 
@@ -103,3 +104,64 @@ class TestFork:
             assert channel.receive_frame() == (END, None)
             link.reader.done = True  # read to its end by hand
             assert proxy.echo(2) == 2
+
+
+def _block(fd: passrpc.FileDescriptor) -> bytes:
+    """A plain handler that waits until a byte can be read from ``fd``."""
+    with fd:
+        return os.read(fd.fileno(), 1)
+
+
+@pytest.fixture(scope="module")
+def blocking_server() -> Iterator[Server]:
+    server = make_server(client_idle_timeout=30)
+    server.add_handler("block", _block)
+    server.start()
+    yield server
+    server.stop()
+
+
+class TestThreads:
+    def test_close_wakes_a_call_whose_thread_dropped_a_stream_meanwhile(
+        self, blocking_server: Server
+    ) -> None:
+        """proxy.close() wakes a call blocked in another thread, also when that thread dropped
+        a stream during the call (a finalizer flags the thread's connection at any moment)."""
+        r, w = os.pipe()
+        proxy = blocking_server.proxy(timeout=None)
+        outcome: list[BaseException | object] = []
+
+        class DropsAStream:
+            """An argument whose fileno(), run as the call is sent, drops an open stream."""
+
+            def __init__(self) -> None:
+                self.stream: passrpc.Stream | None = None
+
+            def fileno(self) -> int:
+                self.stream = None  # dropped unfinished, in the calling thread, mid-call
+                return r
+
+        def call() -> None:
+            argument = DropsAStream()
+            argument.stream = proxy.numbers(1000)
+            next(argument.stream)
+            proxy.echo(0)  # the thread has its own connection again, beside the stream's
+            try:
+                outcome.append(proxy.block(argument))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call)
+        try:
+            thread.start()
+            wait_for(lambda: proxy._dropped, what="the stream dropped mid-call")  # type: ignore[attr-defined]
+            proxy.close()
+            thread.join(WAIT)
+            woken = not thread.is_alive()
+        finally:
+            os.write(w, b"x")  # lets the handler return, so that the thread ends anyway
+            thread.join(WAIT)
+            os.close(r)
+            os.close(w)
+        assert woken, "proxy.close() did not wake the blocked call"
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed)
