@@ -164,4 +164,5 @@ class TestThreads:
             os.close(r)
             os.close(w)
         assert woken, "proxy.close() did not wake the blocked call"
-        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ConnectionClosed)
