@@ -154,7 +154,9 @@ class Stream(Iterator[Any]):
     connection serves the proxy's next call. A stream dropped unfinished
     (``break`` out of a ``for`` loop, then no reference left) is cancelled
     on the same thread's next call on its proxy, or when the proxy closes:
-    no I/O happens in a finalizer. Not for several threads at once.
+    no I/O happens in a finalizer. Not for several threads at once; a
+    forked child cannot read a stream its parent opened (``next()`` raises
+    :class:`ConnectionClosed`: open it again in the child).
     """
 
     __slots__ = ("_link", "_owner", "name")
