@@ -105,7 +105,7 @@ def run(operation: str, n: int, types: int = 0) -> None:
         async def aecho(x: object) -> object:
             return x
 
-        handlers["aecho"] = Handler("aecho", aecho, False, True)
+        handlers["aecho"] = Handler("aecho", aecho, False, is_async=True)
         operation = "server_call"
     if operation.endswith("_attrs"):
 

@@ -57,7 +57,9 @@ class _Connection:
         Shutting the socket down wakes a call blocked on it in another
         thread; in a child it would end the parent's connection too.
         """
-        if self.generation == generation[0]:
+        # born, not generation: that is _FLAGGED while a dropped stream waits,
+        # which can happen in the middle of a call (a finalizer runs anywhere).
+        if self.born == generation[0]:
             self.channel.shutdown()  # wakes a call blocked in its thread
         else:
             self.channel.close()

@@ -15,7 +15,8 @@ from types import TracebackType
 from typing import Any, NoReturn
 
 from ._channel import Channel
-from ._errors import DecodeError
+from ._clientcore import generation
+from ._errors import ConnectionClosed, DecodeError
 from ._streaming import END_FRAME, ITEM, MORE, StreamReader, value_of
 
 #: Seconds :meth:`Stream.close` waits for the server to confirm a cancel
@@ -32,7 +33,7 @@ class Link:
     the stream is over and in step; ``connection.close()`` discards it.
     """
 
-    __slots__ = ("channel", "connection", "give_back", "reader", "timeout")
+    __slots__ = ("born", "channel", "connection", "give_back", "reader", "timeout")
 
     def __init__(
         self,
@@ -46,6 +47,19 @@ class Link:
         self.reader = reader
         self.give_back = give_back
         self.timeout = timeout  # the proxy's, restored after a bounded read
+        # The process's generation when the stream opened: in a forked child
+        # the stream is the parent's, and the child must neither read its
+        # items nor cancel it (see forked).
+        self.born = generation[0]
+
+    def forked(self) -> NoReturn:
+        """Raise in a forked child, whose copy of the parent's stream is closed (the parent's stays)."""
+        self.reader.done = True
+        self.connection.close()  # the child's copy only: its generation is the parent's
+        raise ConnectionClosed(
+            f"the stream of {self.reader.name!r} was opened by the parent process before a "
+            "fork, and its items go to the parent; open the stream again in the child"
+        )
 
     def failed(self, exc: BaseException) -> NoReturn:
         """Raise ``exc``, which reading the stream's next frame raised, the stream left as it must be."""
@@ -96,6 +110,10 @@ class Link:
         reader = self.reader
         if reader.done:
             return
+        if self.born != generation[0]:  # a forked child: the stream is the parent's to cancel
+            reader.done = True
+            self.connection.close()
+            return
         channel = self.channel
         bound = CANCEL_GRACE if self.timeout is None else min(self.timeout, CANCEL_GRACE)
         try:
@@ -136,7 +154,9 @@ class Stream(Iterator[Any]):
     connection serves the proxy's next call. A stream dropped unfinished
     (``break`` out of a ``for`` loop, then no reference left) is cancelled
     on the same thread's next call on its proxy, or when the proxy closes:
-    no I/O happens in a finalizer. Not for several threads at once.
+    no I/O happens in a finalizer. Not for several threads at once; a
+    forked child cannot read a stream its parent opened (``next()`` raises
+    :class:`ConnectionClosed`: open it again in the child).
     """
 
     __slots__ = ("_link", "_owner", "name")
@@ -155,6 +175,8 @@ class Stream(Iterator[Any]):
         reader = link.reader
         if reader.done:
             raise StopIteration
+        if link.born != generation[0]:
+            link.forked()
         try:
             kind, payload = link.channel.receive_frame()
         except BaseException as exc:

@@ -11,6 +11,7 @@ this mixin so that the ``Server`` facade stays one screenful of lifecycle;
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, overload
@@ -48,10 +49,20 @@ class WorkerMethods:
         what was registered when it was forked.
 
         Raises:
-            ConfigurationError: ``name`` is taken, ``target`` is neither, or
-                the server already started.
+            ConfigurationError: ``name`` is taken, ``target`` is neither, the
+                server already started, or ``target`` is a Server whose
+                ``initialize_server`` or ``finalize_server`` is an ``async def``
+                (a worker runs no event loop to await it).
         """
         if isinstance(target, WorkerMethods):  # a Server: the mixin is its base
+            for hook in (target.initialize_server, target.finalize_server):
+                # The worker calls the hooks plainly: a coroutine would never run.
+                if inspect.iscoroutinefunction(hook):
+                    raise ConfigurationError(
+                        f"worker {name!r}: {hook.__qualname__} is an async def, which only a "
+                        "server process awaits (on its event loop); a Server run as a worker "
+                        "has none: make it a plain def"
+                    )
             fn: Callable[..., Any] = functools.partial(
                 serve_channel, target._registry, target.initialize_server, target.finalize_server
             )

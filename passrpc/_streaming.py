@@ -6,7 +6,7 @@ client cancelled). The client grants credit: the window it asks for, then
 MORE frames as it consumes; the server never has more items out than the
 credit allows. A client cancels with an END frame of its own and then
 discards what is still in flight until the stream's end. ``docs/protocol.md``
-section 12 describes the same rules for other languages.
+section 9 ("A stream") describes the same rules for other languages.
 
 Pure, like :mod:`passrpc._protocol`: frames in, decisions out. The server's
 driver is :mod:`passrpc._streams`; the clients' readers are in
@@ -101,7 +101,7 @@ def not_a_stream_call(name: str) -> Frame:
         ERROR_BAD_REQUEST,
         "ProtocolError",
         f"handler {name!r} streams its results (it is a generator): open it with a STREAM "
-        "request, as passrpc 0.2's proxies do (docs/protocol.md section 12); this client "
+        "request, as passrpc 0.2's proxies do (docs/protocol.md section 9); this client "
         "is older or sent a plain call",
     )
 
