@@ -27,7 +27,8 @@ W5  a call that returns a file descriptor, against the lean floor's call that
     returns one
 W6  a stream of 100,000 ints through the sync proxy, as items/s, against as
     many plain W1 calls and a raw socket + msgpack floor that sends one frame
-    per item with one sendall each (pinned to one CPU, like W1)
+    per item with one sendall each; and the same stream from an async
+    generator handler (pinned to one CPU, like W1)
 
 Latency (W1, W2, W4, W5) is measured with client and server pinned to one CPU,
 in batches that take turns between the systems of a workload; each figure is
@@ -339,8 +340,8 @@ def _passrpc_server(
 ) -> passrpc.Server:
     """A started passrpc server with ``echo`` and ``fd`` handlers, pinned like the client.
 
-    ``with_async`` adds the async handler ``aecho`` (and so the event loop's
-    thread, pinned too).
+    ``with_async`` adds the async handler ``aecho`` and the async generator
+    ``anumbers`` (and so the event loop's thread, pinned too).
     """
     server = passrpc.Server(socket_path=os.path.join(d, name + ".sock"))
     pipe: list[int] = []
@@ -350,6 +351,11 @@ def _passrpc_server(
         @server.handler("aecho")
         async def aecho(x: Any) -> Any:
             return x
+
+        @server.handler("anumbers")
+        async def anumbers(n: int) -> Any:
+            for i in range(n):
+                yield i
 
         @server.on_initialize_server
         async def pin_loop() -> None:  # the loop's thread starts before initialize_server
@@ -831,7 +837,7 @@ def run_w6(run: Run, s: Settings) -> None:
     """Items/s of a stream, of plain calls and of the floor, in rounds that take turns."""
     pin(s.cpu)
     n = s.stream_items
-    times: dict[str, list[float]] = {"floor": [], "stream": [], "calls": []}
+    times: dict[str, list[float]] = {"floor": [], "stream": [], "astream": [], "calls": []}
     with socket_dir() as d, contextlib.ExitStack() as stack:
         floor = _stream_floor_client(
             _served(stack, d, "stream floor", _serve_stream_floor, False, cpu=s.cpu)
@@ -839,9 +845,14 @@ def run_w6(run: Run, s: Settings) -> None:
         proxy = _passrpc_server(stack, d, s.cpu, name="stream").proxy()
         stack.callback(proxy.close)
         echo, numbers = proxy.echo, proxy.numbers
+        # An async generator's items, each fetched from the server's event loop.
+        aproxy = _passrpc_server(stack, d, s.cpu, name="astream", with_async=True).proxy()
+        stack.callback(aproxy.close)
+        anumbers = aproxy.anumbers
         expected = n * (n - 1) // 2
         assert floor(n) == expected  # warm, and right
         assert sum(numbers(n)) == expected
+        assert sum(anumbers(n)) == expected
         calls = n // 10  # plain calls are slow: a tenth as many, per item all the same
         for round_ in range(s.stream_rounds):
             print(f"  W6: round {round_ + 1}/{s.stream_rounds}", flush=True)
@@ -853,6 +864,9 @@ def run_w6(run: Run, s: Settings) -> None:
                 elif key == "stream":
                     for _ in numbers(n):
                         pass
+                elif key == "astream":
+                    for _ in anumbers(n):
+                        pass
                 else:
                     for i in range(calls):
                         echo(i)
@@ -861,6 +875,7 @@ def run_w6(run: Run, s: Settings) -> None:
     labels = {
         "floor": ("floor: raw socket + msgpack, one sendall per item", None),
         "stream": ("passrpc stream (sync proxy)", "floor"),
+        "astream": ("passrpc stream of an async generator (sync proxy)", "stream"),
         "calls": ("passrpc proxy, one plain call per item", "stream"),
     }
     for key, rates in times.items():

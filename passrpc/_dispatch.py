@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._channel import Channel, Peer
 from ._errors import (
@@ -62,6 +62,9 @@ from ._streams import StreamCall
 from ._types import DEFAULT_TYPES, TypeRegistry
 from ._wire import PROTOCOL_VERSION
 
+if TYPE_CHECKING:
+    import asyncio
+
 logger = logging.getLogger("passrpc")
 
 _peer = threading.local()
@@ -100,13 +103,14 @@ def current_peer() -> Peer:
 class Served:
     """A handler as the dispatcher serves it: the registered handler and its counters."""
 
-    __slots__ = ("calls", "counters", "fn", "name", "raw", "special", "stream")
+    __slots__ = ("calls", "counters", "fn", "is_async", "name", "raw", "special", "stream")
 
     def __init__(self, handler: Handler, every_call: bool) -> None:
         self.name = handler.name
         self.fn = handler.fn
         self.raw = handler.raw
         self.stream = handler.stream
+        self.is_async = handler.is_async
         # Raw, stream or async: not a plain call. The hot path tests this one flag
         # (Dispatcher._special says which).
         self.special = handler.raw or handler.stream or handler.is_async
@@ -275,6 +279,9 @@ class Dispatcher:
         self._plain = {name: e for name, e in self.handlers.items() if not e.special}
         self.described = describe_handlers(handlers.values())
         self.types = types
+        #: The server's event loop, which awaits the async handlers' stream
+        #: items (its loop sets it); None: each such stream runs a loop of its own.
+        self.event_loop: asyncio.AbstractEventLoop | None = None
         self.started = time.monotonic()
         # Connection counts; the lock guards them, never a call.
         self._lock = threading.Lock()
@@ -364,7 +371,9 @@ class Dispatcher:
     def _stream_frame(self, kind: int, payload: Any) -> Frame | StreamCall | None:
         """:meth:`dispatch` of a stream's frame: a STREAM request starts a :class:`StreamCall`.
 
-        A plain handler streams its one result as one item; a raw or async one is refused.
+        A plain handler (``async def`` too) streams its one result as one item;
+        a raw one is refused. An ``async def`` handler's items are awaited on
+        :attr:`event_loop`, in a context of their own that holds the peer.
         MORE and END outside a stream are late (they crossed its end): ignored.
         """
         if kind != STREAM:
@@ -378,9 +387,16 @@ class Dispatcher:
         entry = self.handlers.get(name)
         if entry is None:
             return unknown_message(name, self.handlers)
-        if entry.special and not entry.stream:  # raw, or an async def
-            return not_streamable(name, entry.raw)
-        return StreamCall(entry, args, kwargs, window, not next(entry.calls) % SAMPLE_EVERY)
+        if entry.raw:
+            return not_streamable(name)
+        timed = not next(entry.calls) % SAMPLE_EVERY
+        if not entry.is_async:
+            return StreamCall(entry, args, kwargs, window, timed)
+        context = contextvars.copy_context()
+        peer = getattr(_peer, "value", None)  # set by serve() in this thread
+        if peer is not None:
+            context.run(_async_peer.set, peer)
+        return StreamCall(entry, args, kwargs, window, timed, context, self.event_loop)
 
     def _timed_call(self, entry: Served, args: list[Any], kwargs: dict[str, Any] | None) -> Frame:
         """:meth:`dispatch`'s call, timed: for the sampled calls."""

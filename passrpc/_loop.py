@@ -297,6 +297,7 @@ class ServeLoop:
                 app.forks.start()
             if app.registry.needs_event_loop(app.initialize, app.finalize):
                 self.asyncloop = start_event_loop(app.registry, self._replied)
+                self.dispatcher.event_loop = self.asyncloop.loop  # for async streams' items
             self._install_signals()
             try:
                 run_hook(app.initialize, self.asyncloop)

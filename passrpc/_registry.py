@@ -28,13 +28,15 @@ ASYNC_HOOKS = ("initialize_server", "finalize_server")
 @attrs.frozen
 class Handler:
     """A registered handler: its message name, the function, whether it converses raw,
-    whether it streams (a generator function: see passrpc._streams), whether it is awaited."""
+    whether it streams (a generator function, async or not: see passrpc._streams),
+    whether it is awaited."""
 
     name: str
     fn: Callable[..., Any]
     raw: bool
     stream: bool = False
-    #: An ``async def``: awaited on the server's event loop (:mod:`passrpc._asyncloop`).
+    #: An ``async def`` (a generator too): awaited on the server's event loop
+    #: (:mod:`passrpc._asyncloop`; a stream's items, :mod:`passrpc._asyncitems`).
     is_async: bool = False
 
 
@@ -62,8 +64,8 @@ def handler(name: Any = None, *, raw: bool = False) -> Any:
     ``name`` defaults to the method's name (``@passrpc.handler`` without
     parentheses works too). With ``raw=True`` the method gets the
     :class:`Channel` after ``self`` and converses itself. An ``async def``
-    method is awaited on the server's event loop. The method is returned
-    unchanged.
+    method is awaited on the server's event loop (an async generator's items
+    too: it streams them). The method is returned unchanged.
     """
     if callable(name):
         name._passrpc_handler = (name.__name__, raw)
@@ -185,20 +187,16 @@ class Registry:
             raise ConfigurationError(
                 f"a handler for {name!r} is already registered ({self.handlers[name].fn!r})"
             )
-        # isgeneratorfunction sees through bound methods and functools.partial.
-        stream = inspect.isgeneratorfunction(fn)
+        # The inspect.is*function tests see through bound methods and functools.partial.
+        agen = inspect.isasyncgenfunction(fn)  # streams, its items awaited on the event loop
+        stream = agen or inspect.isgeneratorfunction(fn)
         if raw and stream:
             raise ConfigurationError(
                 f"handler {name!r} is raw and a generator function: a raw handler converses "
                 "on its channel itself, so it cannot also stream what it yields; drop raw=True "
                 "to stream its items, or write the items to the channel yourself"
             )
-        is_async = inspect.iscoroutinefunction(fn)  # unwraps bound methods and partials
-        if inspect.isasyncgenfunction(fn):
-            raise ConfigurationError(
-                f"handler {name!r} is an async generator, which a handler cannot be yet: "
-                "make it an async def that returns a list, or a plain def"
-            )
+        is_async = agen or inspect.iscoroutinefunction(fn)
         if raw and is_async:
             raise ConfigurationError(
                 f"raw handler {name!r} is an async def: a raw handler converses on a blocking "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import ProtocolError
+from ._errors import ConnectionClosed, ProtocolError
 from ._protocol import (
     ERROR,
     ERROR_BAD_REQUEST,
@@ -52,6 +52,14 @@ DEFAULT_WINDOW = 256
 #: What a client sends to cancel its stream, and what a server sends when a
 #: generator finished.
 END_FRAME: Frame = (END, None)
+
+
+class ClientGone(ConnectionClosed):
+    """A server's stream ends: its connection was shut while an item was awaited.
+
+    Raised by a stream's items (an async generator's), never by the
+    generator: the stream's driver ends the connection, and sends no error.
+    """
 
 
 def stream_request(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], window: int) -> Frame:
@@ -98,13 +106,13 @@ def not_a_stream_call(name: str) -> Frame:
     )
 
 
-def not_streamable(name: str, raw: bool = True) -> Frame:
-    """The ERROR frame that answers a STREAM request for a raw handler (or an async one)."""
-    what = "raw: it converses on its connection" if raw else "an async def that returns one value"
+def not_streamable(name: str) -> Frame:
+    """The ERROR frame that answers a STREAM request for a raw handler."""
     return ERROR, error_payload(
         ERROR_BAD_REQUEST,
         "ProtocolError",
-        f"handler {name!r} is {what} and cannot be streamed; send it a plain request",
+        f"handler {name!r} is raw: it converses on its connection and cannot be streamed; "
+        "send it a plain request",
     )
 
 

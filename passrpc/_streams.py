@@ -5,16 +5,19 @@ STREAM request with a :class:`StreamCall`; the pool thread that serves the
 connection runs it (:meth:`StreamCall.run`) and keeps the connection for as
 long as the stream is open, as it does for a raw handler. What the frames
 mean is :mod:`passrpc._streaming`'s to say; this module drives a generator
-with them. An async generator (issue 14) is meant to be driven here too.
+with them. An ``async def`` generator is driven here too, by the same pool
+thread: only its items come from the server's event loop
+(:mod:`passrpc._asyncitems`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._channel import Channel
 from ._errors import (
@@ -27,7 +30,19 @@ from ._errors import (
 )
 from ._protocol import Frame, exception_reply
 from ._stats import HandlerCounters
-from ._streaming import END, END_FRAME, ITEM, MORE, cancelled, credit, unsendable_item
+from ._streaming import (
+    END,
+    END_FRAME,
+    ITEM,
+    MORE,
+    ClientGone,
+    cancelled,
+    credit,
+    unsendable_item,
+)
+
+if TYPE_CHECKING:
+    import asyncio
 
 logger = logging.getLogger("passrpc")
 
@@ -77,18 +92,30 @@ class StreamCall:
 
     Counted as one call of its handler (an error if the generator raised),
     timed as a sample of calls is, from the request to the stream's end.
+    An ``async def`` handler's call has a ``context`` (its peer set in it):
+    its items are awaited on ``loop``, the server's event loop (None: a
+    private one, see :mod:`passrpc._asyncitems`).
     """
 
-    __slots__ = ("args", "entry", "kwargs", "timed", "window")
+    __slots__ = ("args", "context", "entry", "kwargs", "loop", "timed", "window")
 
     def __init__(
-        self, entry: Streamed, args: list[Any], kwargs: dict[str, Any], window: int, timed: bool
+        self,
+        entry: Streamed,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        window: int,
+        timed: bool,
+        context: contextvars.Context | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.entry = entry
         self.args = args
         self.kwargs = kwargs
         self.window = window
         self.timed = timed
+        self.context = context
+        self.loop = loop
 
     def run(self, channel: Channel) -> bool:
         """Send the stream on ``channel``; False when the connection is over.
@@ -104,7 +131,7 @@ class StreamCall:
         items: Iterator[Any] | None = None
         try:
             try:
-                items = self._items()
+                items = self._items(channel)
                 outcome = self._send_items(channel, items)
             except _Cancelled:
                 outcome = "cancelled"
@@ -118,20 +145,38 @@ class StreamCall:
                 logger.info("stream %r ended: the client is gone (%s)", entry.name, exc)
             return False
         finally:
+            _close(entry.name, items)  # an async generator's task, a private loop: let go
             if self.timed:
                 self._timed(start)
         logger.debug("stream %r %s", entry.name, outcome)
         return not channel.closed
 
-    def _items(self) -> Iterator[Any]:
+    def _items(self, channel: Channel) -> Iterator[Any]:
         """The generator of the request; a generator that raises at once for bad arguments."""
         entry = self.entry
+        if self.context is not None:
+            return self._async_items(channel)
         if not entry.stream:
             return _one(entry.fn, self.args, self.kwargs)
         try:
             return entry.fn(*self.args, **self.kwargs)  # type: ignore[no-any-return]
         except BaseException as exc:  # wrong arguments: raised when its first item is asked for
             return _raise(exc)
+
+    def _async_items(self, channel: Channel) -> Iterator[Any]:
+        """:meth:`_items` of an ``async def`` handler: its items, awaited on the event loop."""
+        from ._asyncitems import AsyncItems, one_item  # asyncio is loaded only when wanted
+
+        entry = self.entry
+        assert self.context is not None
+        try:
+            if entry.stream:
+                agen = entry.fn(*self.args, **self.kwargs)
+            else:  # a plain async def: its one result is the one item
+                agen = one_item(entry.fn, self.args, self.kwargs)
+        except BaseException as exc:  # wrong arguments, as for a generator
+            return _raise(exc)
+        return AsyncItems(agen, self.loop, self.context, channel.fileno())
 
     def _send_items(self, channel: Channel, items: Iterator[Any]) -> str:
         """Send every item, then the end; how it ended. Raises _Cancelled on the client's END.
@@ -173,8 +218,10 @@ class StreamCall:
                     countdown = every
                     looked = now()
                 ours = False
-        except BaseException:  # anything the generator raises, as for a call: the thread serves on
-            if ours:
+        except (
+            BaseException
+        ) as exc:  # anything the generator raises, as for a call: the thread serves on
+            if ours or type(exc) is ClientGone:
                 raise
             next(entry.counters.errors)
             send(*report(entry.name))

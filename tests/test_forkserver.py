@@ -9,6 +9,7 @@ exception its fork warning raises, so the record is the test.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,32 @@ class TestWorkers:
                 assert worker.read() == (5, pid)
                 worker.write("hooks")
                 assert worker.read() == (["initialize"],)
+            assert proxy.wait(pid) == 0
+
+    def test_worker_server_streams_an_async_generator(self, sockdir: Path, record: Path) -> None:
+        """A Server run as a worker has no event loop: an async generator's stream runs on a
+        private one (docs/protocol.md, "A stream": STREAM, ITEMs, END)."""
+        calc = Server()
+
+        @calc.handler()
+        async def numbers(n: int) -> AsyncIterator[int]:
+            for i in range(n):
+                await asyncio.sleep(0)
+                yield i
+
+        server = make_forking_server(sockdir, record)
+        server.add_worker("calc", calc)
+        with server, server.proxy() as proxy:
+            worker, pid = hand_over(proxy, "calc")
+            with worker:
+                for _ in range(2):
+                    worker.send_frame(5, ["numbers", [3], {}, 8])  # STREAM
+                    frames = [worker.receive_frame() for _ in range(4)]
+                    assert frames == [(6, [0]), (6, [1]), (6, [2]), (8, None)]  # ITEMs, END
+                fds = len(os.listdir(f"/proc/{pid}/fd"))
+                worker.send_frame(5, ["numbers", [3], {}, 8])
+                assert [worker.receive_frame() for _ in range(4)][-1] == (8, None)
+                assert len(os.listdir(f"/proc/{pid}/fd")) == fds  # each private loop closed
             assert proxy.wait(pid) == 0
 
     def test_many_requests_at_once(self, forking: Server) -> None:

@@ -45,6 +45,7 @@ LAYERS = {
     "_connection": 3,
     "_asyncloop": 3,
     "_streams": 3,
+    "_asyncitems": 3,
     # 4: the clients (they know nothing of the server)
     "_clientcore": 4,
     "_client": 4,
