@@ -15,6 +15,7 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -29,6 +30,8 @@ logger = logging.getLogger("passrpc")
 #: Seconds :meth:`AsyncLoop.cancel_all` gives cancelled handlers to run their
 #: ``finally`` before the loop stops anyway.
 CANCEL_GRACE = 1.0
+#: Seconds beyond their own bounds that stopping waits for the loop's thread.
+_SLACK = 0.5
 
 #: What :meth:`AsyncLoop.submit` calls, on the loop's thread, when a call is
 #: over: the connection and its call (None: cancelled or gone, close it).
@@ -148,12 +151,26 @@ class AsyncLoop:
                 await asyncio.wait(late, timeout=CANCEL_GRACE)
             return len(late)
 
-        return asyncio.run_coroutine_threadsafe(drain(), self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(drain(), self.loop)
+        # Bounded: a handler that blocks the loop never lets drain() run; it
+        # is left running, as a plain handler past the timeout would be.
+        bound = max(deadline - time.monotonic(), 0.0) + CANCEL_GRACE + _SLACK
+        try:
+            return future.result(bound)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            logger.warning(
+                "the event loop is blocked (an async handler that calls blocking code "
+                "without awaiting?); leaving %d async handler(s) running",
+                len(self._tasks),
+            )
+            return len(self._tasks)
 
     def stop(self) -> None:
         """Stop the loop and wait for its thread to end."""
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join()
+            # Bounded: a blocked loop's thread (a daemon) is left behind.
+            self.thread.join(CANCEL_GRACE + _SLACK)
         else:
             self.loop.close()

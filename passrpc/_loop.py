@@ -51,6 +51,7 @@ from ._connection import (
     SERVING,
     Deadlines,
     ServerConnection,
+    timeval,
 )
 from ._dispatch import AsyncCall, Dispatcher
 from ._errors import (
@@ -506,7 +507,13 @@ class ServeLoop:
             conn.pending = call
             self._submit(conn)
             return
-        # The pool is closing: the reply goes out from here (bounded by the send timeout).
+        # The pool is closing: the reply goes out from here, on the event loop's
+        # thread, within the shutdown bound: with no client_idle_timeout there
+        # is no send timeout, and a client that does not read would hold the
+        # loop, and the stop, for good.
+        with contextlib.suppress(OSError):
+            timeout = timeval(self.settings.shutdown_timeout)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         with contextlib.suppress(ConnectionClosed, Timeout):
             call.send(conn.channel)
         self._close(conn)

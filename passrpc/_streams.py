@@ -259,7 +259,7 @@ def _listen(channel: Channel, available: int) -> int:
         else:
             raise ProtocolError(
                 f"the client sent a frame of kind {kind!r} while a stream was open: only MORE "
-                "and END may come then (docs/protocol.md section 12)"
+                "and END may come then (docs/protocol.md section 9, 'A stream')"
             )
 
 

@@ -42,11 +42,6 @@ def test_a_worker_server_with_an_async_hook_method_is_refused(target: type[Serve
 STOP = 3.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fix is in passrpc/_loop.py (ServeLoop._replied: bound the send by "
-    "shutdown_timeout), which another branch edits; see the review's report",
-)
 def test_stop_is_not_held_by_a_reply_that_a_client_does_not_read(tmp_path: Path) -> None:
     """An async handler that finishes while the server stops gets its reply sent within the
     shutdown bound: a client that reads nothing must not keep the server from exiting."""
@@ -78,11 +73,6 @@ def test_stop_is_not_held_by_a_reply_that_a_client_does_not_read(tmp_path: Path)
     assert took < STOP - 0.5, f"the server took {took:.1f} s to stop (killed at {STOP} s)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fix is in passrpc/_asyncloop.py (AsyncLoop.cancel_all and stop: bounded "
-    "waits), which another branch edits; see the review's report",
-)
 def test_stop_is_not_held_by_a_handler_that_blocks_the_event_loop(tmp_path: Path) -> None:
     """An async handler that blocks its event loop (a time.sleep by mistake) is left running
     after shutdown_timeout, as a plain handler is: the server still exits by itself."""
