@@ -182,6 +182,18 @@ def run_hook(fn: Callable[[], Any], asyncloop: AsyncLoop | None) -> None:
         asyncloop.await_(result)
 
 
+def _send_while_closing(conn: ServerConnection, call: AsyncCall, bound: float) -> None:
+    """Send an async call's reply while the server stops, waiting at most ``bound`` s.
+
+    With no client_idle_timeout a send has no timeout, and a client that does
+    not read would hold the event loop's thread, and the stop, for good.
+    """
+    with contextlib.suppress(OSError):
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(bound))
+    with contextlib.suppress(ConnectionClosed, Timeout):
+        call.send(conn.channel)
+
+
 class ServeLoop:
     """One run of a server's main loop, in whichever process serves it.
 
@@ -507,15 +519,8 @@ class ServeLoop:
             conn.pending = call
             self._submit(conn)
             return
-        # The pool is closing: the reply goes out from here, on the event loop's
-        # thread, within the shutdown bound: with no client_idle_timeout there
-        # is no send timeout, and a client that does not read would hold the
-        # loop, and the stop, for good.
-        with contextlib.suppress(OSError):
-            timeout = timeval(self.settings.shutdown_timeout)
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
-        with contextlib.suppress(ConnectionClosed, Timeout):
-            call.send(conn.channel)
+        # The pool is closing: the reply goes out from here, the loop's thread.
+        _send_while_closing(conn, call, self.settings.shutdown_timeout)
         self._close(conn)
 
     def _wait_more(self, idle: float) -> bool:
