@@ -8,6 +8,7 @@ The loop, the dispatch and the fork server only read it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import signal
 from collections.abc import Awaitable, Callable
@@ -135,6 +136,14 @@ def parse_signal(sig: str | int) -> signal.Signals:
     return signum
 
 
+def _shape(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What tells a handler's kind: ``fn`` itself (the inspect.is*function tests see
+    through bound methods and functools.partial), or a callable instance's ``__call__``."""
+    if inspect.isroutine(fn) or inspect.isclass(fn) or isinstance(fn, functools.partial):
+        return fn
+    return type(fn).__call__
+
+
 class Registry:
     """A server's handlers, signal handlers and hooks; refuses changes once frozen.
 
@@ -187,16 +196,16 @@ class Registry:
             raise ConfigurationError(
                 f"a handler for {name!r} is already registered ({self.handlers[name].fn!r})"
             )
-        # The inspect.is*function tests see through bound methods and functools.partial.
-        agen = inspect.isasyncgenfunction(fn)  # streams, its items awaited on the event loop
-        stream = agen or inspect.isgeneratorfunction(fn)
+        shape = _shape(fn)
+        agen = inspect.isasyncgenfunction(shape)  # streams, its items awaited on the event loop
+        stream = agen or inspect.isgeneratorfunction(shape)
         if raw and stream:
             raise ConfigurationError(
                 f"handler {name!r} is raw and a generator function: a raw handler converses "
                 "on its channel itself, so it cannot also stream what it yields; drop raw=True "
                 "to stream its items, or write the items to the channel yourself"
             )
-        is_async = agen or inspect.iscoroutinefunction(fn)
+        is_async = agen or inspect.iscoroutinefunction(shape)
         if raw and is_async:
             raise ConfigurationError(
                 f"raw handler {name!r} is an async def: a raw handler converses on a blocking "

@@ -715,6 +715,33 @@ def test_every_registration_form_streams() -> None:
         assert list(proxy.cubes()) == [0, 1]
 
 
+def test_a_callable_instance_is_what_its_call_is() -> None:
+    """An object whose __call__ is an async def is awaited; a generator __call__ streams."""
+
+    class Doubler:
+        async def __call__(self, x: int) -> int:
+            await asyncio.sleep(0)
+            return 2 * x
+
+    class Counter:
+        def __call__(self, n: int) -> Iterator[int]:
+            yield from range(n)
+
+    class Ticker:
+        async def __call__(self, n: int) -> AsyncIterator[int]:
+            for i in range(n):
+                yield i
+
+    srv = Server()
+    srv.add_handler("double", Doubler())
+    srv.add_handler("count", Counter())
+    srv.add_handler("tick", Ticker())
+    with srv, srv.proxy(timeout=WAIT) as proxy:
+        assert proxy.double(21) == 42
+        assert list(proxy.count(3)) == [0, 1, 2]
+        assert list(proxy.tick(2)) == [0, 1]
+
+
 def test_only_an_async_generator_starts_the_loop() -> None:
     srv = Server()
 
