@@ -86,3 +86,21 @@ def test_example_runs(name: str, form: str) -> None:
     assert result.stderr == ""
     for pattern in EXPECTED.get(name, []):
         assert re.search(pattern, result.stdout, re.MULTILINE), (pattern, result.stdout)
+
+
+def test_the_readme_quick_tour_runs() -> None:
+    """The README's "Quick tour" block runs as written and prints what its comments say."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    found = re.search(r"## Quick tour\n\n```python\n(.*?)```", readme, re.S)
+    assert found, "the README has no Quick tour code block"
+    result = subprocess.run(
+        [sys.executable, "-c", found.group(1)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["('Hello Joe Dalton', 1234)", "[3, 2, 1]", "0.1"], result.stdout
