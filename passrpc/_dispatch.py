@@ -311,7 +311,7 @@ class Dispatcher:
         """
         # The common request, [name, *args] of a plain handler, straight to
         # the handler: a name that is no key of _plain (not a str, unhashable,
-        # missing, or a raw or async handler's) and the empty request take the checked
+        # missing, or a raw, stream or async handler's) and the empty request take the checked
         # path below, which says what is wrong. This runs for every call.
         if kind == MESSAGE and type(payload) is list:
             try:
