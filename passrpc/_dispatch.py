@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -40,7 +39,6 @@ from ._protocol import (
     Frame,
     describe_handlers,
     describe_reply,
-    exception_reply,
     parse_request,
     reply,
     undecodable,
@@ -58,7 +56,7 @@ from ._streaming import (
     not_streamable,
     parse_stream_request,
 )
-from ._streams import StreamCall
+from ._streams import StreamCall, report
 from ._types import DEFAULT_TYPES, TypeRegistry
 from ._wire import PROTOCOL_VERSION
 
@@ -145,7 +143,7 @@ class RawCall:
                 return False
             # The client may be gone, or the handler may have left a frame half sent.
             with contextlib.suppress(ConnectionClosed, Timeout, EncodeError):
-                channel.send_frame(*_report(entry.name))
+                channel.send_frame(*report(entry.name))
         else:
             if self.timed:
                 _timed(entry, start, "returned")
@@ -197,7 +195,7 @@ class AsyncCall:
             next(entry.counters.errors)
             if self.timed:
                 _timed(entry, start, "raised")
-            self.frame = frame = _report(entry.name)
+            self.frame = frame = report(entry.name)
             return frame
         if self.timed:
             _timed(entry, start, "returned")
@@ -227,17 +225,6 @@ class AsyncCall:
         except (ConnectionClosed, Timeout):
             return False
         return not channel.closed
-
-
-def _report(name: str) -> Frame:
-    """The ERROR frame for the exception a handler is raising now; logged at INFO."""
-    exc_type, exc, tb = sys.exc_info()
-    assert exc_type is not None
-    assert exc is not None
-    frame = exception_reply(exc_type, exc, tb)
-    # The reply's message, not str(exc): that may raise, and did once already.
-    logger.info("handler %r raised %s: %s", name, exc_type.__name__, frame[1]["message"])
-    return frame
 
 
 def _timed(entry: Served, start: int, outcome: str) -> None:
@@ -326,7 +313,7 @@ class Dispatcher:
                     result = entry.fn(*payload[1:])
                 except _FAILURES:
                     next(entry.counters.errors)
-                    return _report(entry.name)
+                    return report(entry.name)
                 # A tuple is a reply of several values; anything else, of one
                 # (protocol.reply, inlined).
                 return MESSAGE, result if type(result) is tuple else (result,)
@@ -354,7 +341,7 @@ class Dispatcher:
             result = entry.fn(*args, **kwargs) if kwargs else entry.fn(*args)
         except _FAILURES:
             next(entry.counters.errors)
-            return _report(name)
+            return report(name)
         return reply(result)
 
     def _special(
@@ -406,7 +393,7 @@ class Dispatcher:
         except _FAILURES:
             next(entry.counters.errors)
             _timed(entry, start, "raised")
-            return _report(entry.name)
+            return report(entry.name)
         _timed(entry, start, "returned")
         return reply(result)
 

@@ -63,13 +63,15 @@ class Streamed(Protocol):
     counters: HandlerCounters
 
 
-def report(name: str) -> Frame:
-    """The ERROR frame for the exception a generator is raising now; logged at INFO."""
+def report(name: str, what: str = "handler") -> Frame:
+    """The ERROR frame for the exception a handler (or a stream: ``what``) is raising now;
+    logged at INFO. Shared with :mod:`passrpc._dispatch`, which imports this module."""
     exc_type, exc, tb = sys.exc_info()
     assert exc_type is not None
     assert exc is not None
     frame = exception_reply(exc_type, exc, tb)
-    logger.info("stream %r raised %s: %s", name, exc_type.__name__, frame[1]["message"])
+    # The reply's message, not str(exc): that may raise, and did once already.
+    logger.info("%s %r raised %s: %s", what, name, exc_type.__name__, frame[1]["message"])
     return frame
 
 
@@ -224,7 +226,7 @@ class StreamCall:
             if ours or type(exc) is ClientGone:
                 raise
             next(entry.counters.errors)
-            send(*report(entry.name))
+            send(*report(entry.name, "stream"))
             return "raised"
         send(*END_FRAME)
         return "returned"
